@@ -1,0 +1,259 @@
+"""The ``mesh.yaml`` schema (DESIGN.md §3): one validated config class per part.
+
+Built once at each entry point (``load_config``) and passed down; nothing reads
+the environment or the file at import. Errors name the path and the rule, e.g.
+``models.embedder.batching.max_batch_size: must be >= 1``.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from cmesh.validation import ConfigError, Strict, format_errors
+
+LatencyClass = Literal["interactive", "batch"]
+NAME_RE = r"^[a-z0-9][a-z0-9_.-]*$"
+DEFAULT_VARIANT = "default"
+
+
+class BatchingConfig(Strict):
+    """Dynamic batching of one model (overrides the manifest's defaults)."""
+
+    max_batch_size: int | None = Field(None, ge=1, le=4096,
+                                       description="most rows in one engine call")
+    max_queue_delay_ms: float | None = Field(None, ge=0, le=10_000,
+                                             description="longest a request waits for batch-mates")
+    max_queue_size: int = Field(2048, ge=1, description="waiting requests before RESOURCE_EXHAUSTED")
+    seq_buckets: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256, 512],
+                                   description="sequence-length bucket bounds for text models")
+
+    @field_validator("seq_buckets")
+    @classmethod
+    def _ascending(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v) or v != sorted(set(v)):
+            raise ValueError("must be strictly ascending positive integers")
+        return v
+
+
+class DeploymentConfig(Strict):
+    """How the autoscaler runs a model's replicas."""
+
+    mode: Literal["dedicated", "serverless", "auto"] = "serverless"
+    min_replicas: int = Field(0, ge=0, description="provisioned serverless replicas")
+    max_replicas: int = Field(4, ge=1)
+    dedicated_replicas: int = Field(0, ge=0, description="fixed-size dedicated pool")
+    capacity_threshold: float = Field(0.8, gt=0, le=1,
+                                      description="dedicated load fraction before spill-over")
+    target_concurrency: float = Field(8, gt=0, description="in-flight requests per replica to aim for")
+    max_inflight_per_replica: int = Field(32, ge=1, description="router's cap per replica")
+    idle_timeout_s: float = Field(300, ge=0, description="no traffic this long -> scale to zero")
+
+    @model_validator(mode="after")
+    def _pools(self) -> "DeploymentConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas: {self.min_replicas} exceeds max_replicas {self.max_replicas}")
+        if self.mode in ("dedicated", "auto") and self.dedicated_replicas < 1:
+            raise ValueError(f"dedicated_replicas: mode {self.mode!r} needs at least 1")
+        if self.mode == "serverless" and self.dedicated_replicas:
+            raise ValueError("dedicated_replicas: mode 'serverless' has no dedicated pool")
+        return self
+
+
+class ResourcesConfig(Strict):
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    memory_mb: int | None = Field(None, ge=1, description="overrides the manifest's estimate")
+    torch_threads: int | None = Field(None, ge=1, le=256)
+
+
+class PriceConfig(Strict):
+    replica_second: float = Field(0.0, ge=0)
+    per_1k_tokens: float = Field(0.0, ge=0)
+
+
+class VariantConfig(Strict):
+    source: str = Field(min_length=1)
+    weight: float = Field(1.0, ge=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelConfig(Strict):
+    source: str | None = Field(None, min_length=1, description="store://name/version, path or URL")
+    variants: dict[str, VariantConfig] | None = None
+    engine: str | None = Field(None, description="defaults to the manifest's engine")
+    latency_class: LatencyClass = "interactive"
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    price: PriceConfig = Field(default_factory=PriceConfig)
+    options: dict[str, Any] = Field(default_factory=dict, description="engine option overrides")
+    endpoints: list[str] = Field(default_factory=list,
+                                 description="static host:port replicas (router without autoscaler)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.source is None) == (self.variants is None):
+            raise ValueError("source: give exactly one of source or variants")
+        if self.variants is not None:
+            if not self.variants:
+                raise ValueError("variants: must not be empty")
+            for name in self.variants:
+                if not re.match(NAME_RE, name):
+                    raise ValueError(f"variants.{name}: must match {NAME_RE}")
+            if sum(v.weight for v in self.variants.values()) <= 0:
+                raise ValueError("variants: weights must not all be 0")
+        return self
+
+    def variant_sources(self) -> dict[str, VariantConfig]:
+        """Every variant by name; a single-source model has one named 'default'."""
+        if self.variants is not None:
+            return dict(self.variants)
+        return {DEFAULT_VARIANT: VariantConfig(source=self.source or "", weight=1.0)}
+
+    def default_variant(self) -> str:
+        variants = self.variant_sources()
+        return max(variants, key=lambda k: variants[k].weight)
+
+
+class NodeConfig(Strict):
+    model: str
+    input: str | dict[str, str] | None = None
+    after: list[str] = Field(default_factory=list)
+    when: str | None = None
+    optional: bool = False
+    timeout_ms: int | None = Field(None, ge=1)
+    fallback: str | None = None
+    stream: bool = False
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class PipelineConfig(Strict):
+    latency_class: LatencyClass = "interactive"
+    nodes: dict[str, NodeConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _graph(self) -> "PipelineConfig":
+        for name, node in self.nodes.items():
+            for dep in node.after:
+                if dep not in self.nodes:
+                    raise ValueError(f"nodes.{name}.after: unknown node {dep!r}")
+        order = _topological(self.nodes)
+        if order is None:
+            raise ValueError("nodes: the graph has a cycle")
+        return self
+
+
+def _topological(nodes: dict[str, NodeConfig]) -> list[str] | None:
+    indegree = {n: len(set(c.after)) for n, c in nodes.items()}
+    ready = [n for n, d in indegree.items() if d == 0]
+    order = []
+    while ready:
+        n = ready.pop()
+        order.append(n)
+        for m, c in nodes.items():
+            if n in c.after:
+                indegree[m] -= 1
+                if indegree[m] == 0:
+                    ready.append(m)
+    return order if len(order) == len(nodes) else None
+
+
+_CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")
+
+
+class ScheduleConfig(Strict):
+    pipeline: str | None = None
+    model: str | None = None
+    cron: str
+    hours: float = Field(gt=0, le=24 * 7)
+    min_replicas: int = Field(1, ge=0)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        fields = v.split()
+        if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
+            raise ValueError("must be a 5-field cron expression like '0 8 * * 1-5'")
+        return v
+
+    @model_validator(mode="after")
+    def _target(self) -> "ScheduleConfig":
+        if (self.pipeline is None) == (self.model is None):
+            raise ValueError("pipeline: give exactly one of pipeline or model")
+        return self
+
+
+class TenantConfig(Strict):
+    api_keys_env: str = Field(min_length=1, description="environment variable holding comma-separated keys")
+    rate_per_s: float = Field(100, gt=0)
+    burst: int | None = Field(None, ge=1)
+    admin: bool = False
+
+
+class ServerConfig(Strict):
+    """Limits shared by every gRPC listener."""
+
+    max_message_bytes: int = Field(16 * 2**20, ge=1024, description="larger messages: RESOURCE_EXHAUSTED")
+    drain_grace_s: float = Field(30, ge=0, description="SIGTERM: finish in-flight work within this")
+
+
+class MeshConfig(Strict):
+    store: str = Field("./.cmesh/store", description="model store root: path, file://, s3://")
+    redis_url: str | None = None
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
+    schedules: list[ScheduleConfig] = Field(default_factory=list)
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references(self) -> "MeshConfig":
+        for name in self.models:
+            if not re.match(NAME_RE, name):
+                raise ValueError(f"models.{name}: name must match {NAME_RE}")
+        for pname, pipe in self.pipelines.items():
+            for nname, node in pipe.nodes.items():
+                if node.model not in self.models:
+                    raise ValueError(f"pipelines.{pname}.nodes.{nname}.model: unknown model {node.model!r}")
+                if node.fallback is not None and node.fallback not in self.models:
+                    raise ValueError(f"pipelines.{pname}.nodes.{nname}.fallback: "
+                                     f"unknown model {node.fallback!r}")
+        for i, sched in enumerate(self.schedules):
+            if sched.pipeline is not None and sched.pipeline not in self.pipelines:
+                raise ValueError(f"schedules.{i}.pipeline: unknown pipeline {sched.pipeline!r}")
+            if sched.model is not None and sched.model not in self.models:
+                raise ValueError(f"schedules.{i}.model: unknown model {sched.model!r}")
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        from cmesh.errors import NotFound
+
+        try:
+            return self.models[name]
+        except KeyError:
+            raise NotFound(f"unknown model {name!r}", component=name) from None
+
+
+def parse_config(data: Any, source: str = "mesh.yaml") -> MeshConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["top level must be a mapping"])
+    try:
+        return MeshConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, format_errors(exc)) from None
+
+
+def load_config(path: str | Path) -> MeshConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
+    return parse_config(data, source=str(path))

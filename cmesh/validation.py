@@ -1,0 +1,54 @@
+"""Turn pydantic validation errors into messages that name the path and the rule."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class Strict(BaseModel):
+    """Base for config classes: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False, populate_by_name=True)
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; ``errors`` holds one 'path: rule' line per problem."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        super().__init__(f"invalid {source}:\n  " + "\n  ".join(errors))
+
+
+def _n(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+_RULES = {
+    "greater_than_equal": lambda c: f"must be >= {_n(c['ge'])}",
+    "greater_than": lambda c: f"must be > {_n(c['gt'])}",
+    "less_than_equal": lambda c: f"must be <= {_n(c['le'])}",
+    "less_than": lambda c: f"must be < {_n(c['lt'])}",
+    "missing": lambda c: "is required",
+    "extra_forbidden": lambda c: "unknown field",
+    "literal_error": lambda c: f"must be one of {c.get('expected', '')}",
+    "string_pattern_mismatch": lambda c: f"must match {c.get('pattern', '')}",
+}
+
+
+def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+        ctx = err.get("ctx") or {}
+        rule = _RULES.get(err["type"])
+        if rule is not None:
+            message = rule(ctx)
+        else:
+            message = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        # Cross-field checks report "sub.path: rule"; join it onto the location.
+        if err["type"] == "value_error" and ": " in message and not message.startswith(" "):
+            sub, _, message = message.partition(": ")
+            loc.extend(sub.split("."))
+        path = ".".join(([prefix] if prefix else []) + loc)
+        lines.append(f"{path}: {message}" if path else message)
+    return lines

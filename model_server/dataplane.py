@@ -1,0 +1,111 @@
+"""The model server's data plane, independent of gRPC: validate, queue, answer.
+
+The servicer converts protobuf to ``InferRequest`` and back; everything that
+decides anything lives here or below.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cmesh.errors import InvalidInput, MeshError
+from model_server.engines.base import InferItem
+from model_server.repository import ModelRepository, Variant
+from model_server.runner import Completion
+
+# Response parameters every answer carries, for metering and traces upstream.
+P_COMPUTE_MS = "cmesh-compute-ms"
+P_QUEUE_MS = "cmesh-queue-ms"
+P_BATCH_SIZE = "cmesh-batch-size"
+P_INPUT_TOKENS = "cmesh-input-tokens"
+P_OUTPUT_TOKENS = "cmesh-output-tokens"
+P_FINAL = "triton_final_response"     # Triton's marker of a stream's last response
+
+
+@dataclass
+class InferRequest:
+    model: str
+    version: str = ""
+    id: str = ""
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    requested_outputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class InferResponse:
+    model: str
+    version: str
+    id: str
+    outputs: dict[str, np.ndarray]
+    parameters: dict[str, Any]
+
+
+class DataPlane:
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+
+    def _prepare(self, request: InferRequest) -> tuple[Variant, InferItem]:
+        variant = self.repository.variant(request.model, request.version)
+        known = {o.name for o in variant.manifest.outputs}
+        for name in request.requested_outputs:
+            if name not in known:
+                raise InvalidInput(name, f"unknown output; model {request.model!r} has {sorted(known)}")
+        item = variant.engine.prepare(request.inputs, request.parameters)
+        item.requested_outputs = tuple(request.requested_outputs)
+        return variant, item
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        variant, item = self._prepare(request)
+        metrics = self.repository.metrics.model(variant.model, variant.name)
+        try:
+            completion = await variant.runner.infer(item)
+            if completion.result.error is not None:
+                raise completion.result.error
+        except MeshError as exc:
+            metrics.count(exc.code.name)
+            raise
+        metrics.count("OK")
+        metrics.tokens(item.input_tokens, completion.result.output_tokens)
+        return self._response(request, variant, item, completion.result.outputs, completion)
+
+    async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        """Pieces of one answer; the last carries the accounting parameters."""
+        variant, item = self._prepare(request)
+        metrics = self.repository.metrics.model(variant.model, variant.name)
+        chunks = variant.runner.stream(item)
+        try:
+            async for chunk in chunks:
+                if chunk.final and chunk.completion is not None:
+                    if chunk.completion.result.error is not None:
+                        raise chunk.completion.result.error
+                    metrics.count("OK")
+                    metrics.tokens(item.input_tokens, chunk.completion.result.output_tokens)
+                yield self._response(request, variant, item, chunk.outputs,
+                                     chunk.completion if chunk.final else None, final=chunk.final)
+        except MeshError as exc:
+            metrics.count(exc.code.name)
+            raise
+        finally:
+            await chunks.aclose()
+
+    @staticmethod
+    def _response(request: InferRequest, variant: Variant, item: InferItem,
+                  outputs: dict[str, np.ndarray], completion: Completion | None,
+                  final: bool | None = None) -> InferResponse:
+        if item.requested_outputs:
+            outputs = {k: v for k, v in outputs.items() if k in item.requested_outputs}
+        params: dict[str, Any] = {}
+        if completion is not None:
+            params[P_COMPUTE_MS] = completion.compute_s * 1000.0
+            params[P_QUEUE_MS] = completion.queue_s * 1000.0
+            params[P_BATCH_SIZE] = max(completion.batch_sizes, default=0)
+            params[P_INPUT_TOKENS] = item.input_tokens
+            params[P_OUTPUT_TOKENS] = completion.result.output_tokens
+        if final is not None:
+            params[P_FINAL] = final
+        return InferResponse(model=variant.model, version=variant.name, id=request.id,
+                             outputs=outputs, parameters=params)

@@ -1,0 +1,168 @@
+"""Thin OIP servicer: protobuf <-> data plane objects, errors -> status codes."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from cmesh import tensors
+from cmesh.errors import Internal, MeshError, abort_with
+from model_server.dataplane import DataPlane, InferRequest, InferResponse
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "cmesh-model-server"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["model_repository", "model_repository(unload_dependents)", "parameters",
+              "binary_tensor_data", "streaming"]
+
+
+def guarded(method):
+    """The one place where exceptions become statuses: MeshError keeps its code and
+    detail; anything unexpected becomes INTERNAL with a message, never UNKNOWN."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except MeshError as exc:
+            await abort_with(context, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.exception("unexpected error in %s", method.__name__)
+            await abort_with(context, Internal(f"internal error: {type(exc).__name__}: {exc}"))
+
+    return wrapper
+
+
+def to_domain(request: pb.ModelInferRequest) -> InferRequest:
+    return InferRequest(model=request.model_name, version=request.model_version, id=request.id,
+                        inputs=tensors.decode_inputs(request),
+                        parameters=tensors.decode_parameters(request.parameters),
+                        requested_outputs=[o.name for o in request.outputs])
+
+
+def to_proto(response: InferResponse) -> pb.ModelInferResponse:
+    out = pb.ModelInferResponse(model_name=response.model, model_version=response.version,
+                                id=response.id)
+    tensors.encode_outputs(out, response.outputs)
+    for key, value in response.parameters.items():
+        tensors.set_param(out.parameters, key, value)
+    return out
+
+
+def stream_error(request: pb.ModelInferRequest, exc: MeshError) -> pb.ModelStreamInferResponse:
+    """Triton's stream carries errors as text; we add the status and detail as
+    parameters so a router can map them back to a code without parsing text."""
+    resp = pb.ModelStreamInferResponse(error_message=f"{exc.code.name}: {exc.message}")
+    ir = resp.infer_response
+    ir.model_name, ir.model_version, ir.id = request.model_name, request.model_version, request.id
+    for key, value in (("cmesh-error-code", exc.code.name), ("cmesh-error-reason", exc.reason),
+                       ("cmesh-error-field", exc.field), ("cmesh-retryable", exc.retryable),
+                       ("cmesh-retry-after-ms", exc.retry_after_ms), ("triton_final_response", True)):
+        tensors.set_param(ir.parameters, key, value)
+    return resp
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane, health) -> None:
+        self.dataplane = dataplane
+        self.health = health          # object with .ready (bool)
+
+    @property
+    def repository(self):
+        return self.dataplane.repository
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.health.ready)
+
+    @guarded
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=self.health.ready and
+                                     self.repository.is_ready(request.name, request.version))
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
+                                         extensions=EXTENSIONS)
+
+    @guarded
+    async def ModelMetadata(self, request, context):
+        variant = self.repository.variant(request.name, request.version)
+        entry = next(e for e in self.repository.entries() if e.name == request.name)
+        m = variant.manifest
+        resp = pb.ModelMetadataResponse(name=request.name, versions=sorted(entry.variants),
+                                        platform=m.platform)
+        for spec in m.inputs:
+            resp.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        for spec in m.outputs:
+            resp.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        return resp
+
+    @guarded
+    async def ModelInfer(self, request, context):
+        return to_proto(await self.dataplane.infer(to_domain(request)))
+
+    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests on one stream run concurrently; responses carry the request id."""
+        out: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                async for piece in self.dataplane.stream(to_domain(request)):
+                    await out.put(pb.ModelStreamInferResponse(infer_response=to_proto(piece)))
+            except MeshError as exc:
+                await out.put(stream_error(request, exc))
+            except Exception as exc:  # noqa: BLE001
+                log.exception("unexpected error in stream request")
+                await out.put(stream_error(request, Internal(f"internal error: {exc}")))
+
+        async def read() -> None:
+            async for request in request_iterator:
+                task = asyncio.create_task(answer(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+            await out.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await out.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    @guarded
+    async def RepositoryIndex(self, request, context):
+        resp = pb.RepositoryIndexResponse()
+        loaded = {e.name: e for e in self.repository.entries()}
+        for name in sorted(self.repository.config.models):
+            entry = loaded.get(name)
+            state = entry.state if entry else "UNAVAILABLE"
+            if request.ready and state != "READY":
+                continue
+            resp.models.add(name=name, version=entry.default_variant if entry else "",
+                            state=state, reason=entry.reason if entry else "not loaded")
+        return resp
+
+    @guarded
+    async def RepositoryModelLoad(self, request, context):
+        await self.repository.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @guarded
+    async def RepositoryModelUnload(self, request, context):
+        await self.repository.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
