@@ -198,6 +198,8 @@ class ServerConfig(Strict):
 
     max_message_bytes: int = Field(16 * 2**20, ge=1024, description="larger messages: RESOURCE_EXHAUSTED")
     drain_grace_s: float = Field(30, ge=0, description="SIGTERM: finish in-flight work within this")
+    drain_delay_s: float = Field(1.0, ge=0, description="SIGTERM: stay reachable as NOT_SERVING this "
+                                                         "long first, so clients notice and stop sending")
 
 
 class MeshConfig(Strict):

@@ -24,8 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--store", default=None, help="model store root (overrides the config's store)")
     p.add_argument("--grace", type=float, default=None,
                    help="seconds to finish in-flight work after SIGTERM (default: config)")
-    p.add_argument("--drain-delay", type=float, default=0.0,
-                   help="seconds to stay up as NOT_SERVING before closing, so routers notice")
+    p.add_argument("--drain-delay", type=float, default=None,
+                   help="seconds to stay up as NOT_SERVING before closing, so routers notice "
+                        "(default: config)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 

@@ -48,20 +48,20 @@ class DataPlane:
     def __init__(self, repository: ModelRepository) -> None:
         self.repository = repository
 
-    def _prepare(self, request: InferRequest) -> tuple[Variant, InferItem]:
-        variant = self.repository.variant(request.model, request.version)
+    def _prepare(self, variant: Variant, request: InferRequest) -> InferItem:
         known = {o.name for o in variant.manifest.outputs}
         for name in request.requested_outputs:
             if name not in known:
                 raise InvalidInput(name, f"unknown output; model {request.model!r} has {sorted(known)}")
         item = variant.engine.prepare(request.inputs, request.parameters)
         item.requested_outputs = tuple(request.requested_outputs)
-        return variant, item
+        return item
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        variant, item = self._prepare(request)
-        metrics = self.repository.metrics.model(variant.model, variant.name)
+        variant = self.repository.variant(request.model, request.version)
+        metrics = variant.metrics
         try:
+            item = self._prepare(variant, request)
             completion = await variant.runner.infer(item)
             if completion.result.error is not None:
                 raise completion.result.error
@@ -74,8 +74,13 @@ class DataPlane:
 
     async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
         """Pieces of one answer; the last carries the accounting parameters."""
-        variant, item = self._prepare(request)
-        metrics = self.repository.metrics.model(variant.model, variant.name)
+        variant = self.repository.variant(request.model, request.version)
+        metrics = variant.metrics
+        try:
+            item = self._prepare(variant, request)
+        except MeshError as exc:
+            metrics.count(exc.code.name)
+            raise
         chunks = variant.runner.stream(item)
         try:
             async for chunk in chunks:

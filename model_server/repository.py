@@ -18,7 +18,7 @@ from cmesh.manifest import Manifest
 from cmesh.store import ModelStore
 from model_server.batching import BatchPolicy, DynamicBatcher
 from model_server.engines.base import Engine, EngineContext, engine_class
-from model_server.metrics import ServerMetrics
+from model_server.metrics import ModelMetrics, ServerMetrics
 from model_server.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class Variant:
     manifest: Manifest
     load_seconds: float
     source: str
+    metrics: ModelMetrics
 
 
 @dataclass
@@ -65,7 +66,9 @@ class ModelRepository:
                 raise Unavailable(f"model {model!r} is not loaded on this replica", component=model)
             raise NotFound(f"unknown model {model!r}", component=model)
         if entry.state != "READY":
-            raise Unavailable(f"model {model!r} is {entry.state.lower()}", component=model)
+            state = "not loaded on this replica" if entry.state == "UNAVAILABLE" else entry.state.lower()
+            reason = f" ({entry.reason})" if entry.reason else ""
+            raise Unavailable(f"model {model!r} is {state}{reason}", component=model)
         name = version or entry.default_variant
         try:
             return entry.variants[name]
@@ -141,7 +144,7 @@ class ModelRepository:
         metrics.load_seconds.set(seconds)
         log.info("loaded %s:%s (%s) in %.2fs", model, variant, kind, seconds)
         return Variant(model=model, name=variant, engine=engine, runner=runner, manifest=manifest,
-                       load_seconds=seconds, source=spec.source)
+                       load_seconds=seconds, source=spec.source, metrics=metrics)
 
     @staticmethod
     def _make_runner(engine: Engine, max_batch: int, delay_ms: float, batching, metrics) -> Runner:

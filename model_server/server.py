@@ -29,7 +29,7 @@ class ServerOptions:
     metrics_port: int | None = None                   # None: no metrics listener; 0: free port
     store: str | None = None                          # overrides config.store
     grace_s: float | None = None                      # overrides config.server.drain_grace_s
-    drain_delay_s: float = 0.0                        # NOT_SERVING this long before closing
+    drain_delay_s: float | None = None                # overrides config.server.drain_delay_s
 
 
 class Health:
@@ -101,8 +101,10 @@ class ModelServer:
             return
         self._draining = True
         await self.health.set(False)
-        if self.options.drain_delay_s:
-            await asyncio.sleep(self.options.drain_delay_s)
+        delay = self.options.drain_delay_s if self.options.drain_delay_s is not None \
+            else self.config.server.drain_delay_s
+        if delay:
+            await asyncio.sleep(delay)
         grace = self.options.grace_s if self.options.grace_s is not None \
             else self.config.server.drain_grace_s
         if self._server is not None:

@@ -1,6 +1,12 @@
 """Shared fixtures: the demo model store (built once, reused across runs) and Redis."""
 from __future__ import annotations
 
+import os
+
+# Several torch processes share 2 cores in tests (this one and the servers it
+# starts, which inherit the environment): idle OpenMP threads must sleep, not spin.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import shutil
 import subprocess
 import time

@@ -50,9 +50,77 @@ def mesh_config(store: Path, models: dict[str, dict[str, Any]], **extra: Any) ->
 
 @asynccontextmanager
 async def running_server(config: MeshConfig, models: list[str], **options: Any):
+    options.setdefault("drain_delay_s", 0.0)
     server = ModelServer(config, ServerOptions(models=models, port=0, **options))
     await server.start()
     try:
         yield server
     finally:
         await server.drain()
+
+
+class ServerProcess:
+    """`python -m model_server` as a child process; knows its ports once ready."""
+
+    def __init__(self, config_path: Path, models: list[str], *extra: str, timeout: float = 180) -> None:
+        import json
+        import subprocess
+        import sys
+        import time
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "model_server", "--config", str(config_path),
+             "--models", ",".join(models), "--port", "0", "--metrics-port", "0", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        deadline = time.monotonic() + timeout
+        self.ready: dict = {}
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"model server exited early:\n{self.proc.stderr.read()[-4000:]}")
+            if line.startswith("{"):
+                event = json.loads(line)
+                if event.get("event") == "ready":
+                    self.ready = event
+                    break
+        else:
+            self.proc.kill()
+            raise RuntimeError("model server did not become ready in time")
+        self.port = self.ready["port"]
+        self.metrics_port = self.ready["metrics_port"]
+        self.address = f"127.0.0.1:{self.port}"
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.metrics()):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        raise KeyError(f"{name} {labels} not exported")
+
+    def stop(self, timeout: float = 60) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+
+
+def write_config(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return path
