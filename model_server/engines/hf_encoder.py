@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from model_server.engines.base import Engine, InferItem, ItemResult, decode_texts, register
-from model_server.engines.torch_util import inference_threads, resolve_device
+from model_server.engines.torch_util import inference_threads, quiet_transformers, resolve_device
 
 
 @register
@@ -18,6 +18,7 @@ class HFEncoderEngine(Engine):
         from transformers import AutoModel, AutoTokenizer
 
         inference_threads(self.ctx.option("torch_threads"))
+        quiet_transformers()
         self.device = resolve_device(self.ctx.device)
         self.max_seq_len = int(self.ctx.option("max_seq_len", 256))
         self.max_chars = int(self.ctx.option("max_chars", 8192))

@@ -20,3 +20,10 @@ def inference_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(int(threads))
+
+
+def quiet_transformers() -> None:
+    """No progress bars in server logs: weights load from local files in milliseconds."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
