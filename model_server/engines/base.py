@@ -157,11 +157,18 @@ def decode_texts(name: str, array: np.ndarray, *, max_chars: int) -> list[str]:
 
 
 _REGISTRY: dict[str, type[Engine]] = {}
+# Optional engines that cannot work in this process (e.g. no TensorRT or no GPU)
+# record why here instead of registering, so choosing them says why, not "unknown".
+_UNAVAILABLE: dict[str, str] = {}
 
 
 def register(cls: type[Engine]) -> type[Engine]:
     _REGISTRY[cls.kind] = cls
     return cls
+
+
+def mark_unavailable(kind: str, reason: str) -> None:
+    _UNAVAILABLE[kind] = reason
 
 
 def engine_class(kind: str) -> type[Engine]:
@@ -170,4 +177,6 @@ def engine_class(kind: str) -> type[Engine]:
     try:
         return _REGISTRY[kind]
     except KeyError:
+        if kind in _UNAVAILABLE:
+            raise ValueError(f"engine {kind!r} is not available here: {_UNAVAILABLE[kind]}") from None
         raise ValueError(f"unknown engine {kind!r}; known: {sorted(_REGISTRY)}") from None
