@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 DEFAULT_STORE = ".cmesh/store"
+DEFAULT_ROUTER = "127.0.0.1:8000"
+DEFAULT_CONFIG = "compose/mesh.yaml"
 
 
 def _cmd_models_bootstrap(args: argparse.Namespace) -> int:
@@ -103,6 +105,76 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _cmd_cost(args: argparse.Namespace) -> int:
+    """The cost report: straight from the metering store in Redis, or from a router."""
+    import asyncio
+    import os
+
+    from cmesh.cost import build_report, format_table, report_from_proto, to_json
+
+    redis_url, router = args.redis, args.router
+    if redis_url is None and router is None:
+        redis_url = os.environ.get("REDIS_URL") or None
+        router = None if redis_url else DEFAULT_ROUTER
+
+    def from_redis(url: str):
+        from cmesh.config import load_config
+        from cmesh.errors import MeshError
+        from router.metering import RedisMeter
+
+        from cmesh.validation import ConfigError
+
+        try:                                   # prices; the router uses its own with --router
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"error: {exc}\n(--redis prices the rows with --config PATH)", file=sys.stderr)
+            return None
+
+        async def read() -> list:
+            meter = RedisMeter(url, timeout_s=args.timeout)
+            try:
+                return await meter.rows()
+            finally:
+                await meter.close()
+
+        try:
+            return build_report(asyncio.run(read()), config, args.by)
+        except MeshError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return None
+
+    def from_router(address: str):
+        import grpc
+
+        from cmesh.errors import component_error_of
+        from protos import mesh_pb2, mesh_pb2_grpc
+
+        key = args.admin_key or os.environ.get("CMESH_ADMIN_KEY")
+        metadata = [("authorization", f"Bearer {key}")] if key else []
+        with grpc.insecure_channel(address) as channel:
+            try:
+                response = mesh_pb2_grpc.AdminStub(channel).CostReport(
+                    mesh_pb2.CostReportRequest(group_by=args.by), timeout=args.timeout,
+                    metadata=metadata)
+            except grpc.RpcError as exc:
+                err = component_error_of(exc)
+                hint = ""
+                if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    hint = (f"; is a router listening on {address}? start one, or pass "
+                            "--router HOST:PORT, or --redis URL to read the metering store directly")
+                elif err.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    hint = "; pass an admin key with --admin-key KEY or CMESH_ADMIN_KEY"
+                print(f"error: router {address}: {err.code.name}: {err.message}{hint}", file=sys.stderr)
+                return None
+        return report_from_proto(response)
+
+    report = from_redis(redis_url) if redis_url else from_router(router)
+    if report is None:
+        return 1
+    print(json.dumps(to_json(report), indent=2) if args.json else format_table(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmesh", description="Compound Mesh command line.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +207,26 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--max-tokens", type=int, default=None)
     infer.add_argument("--timeout", type=float, default=60.0)
     infer.set_defaults(func=_cmd_infer)
+
+    cost = sub.add_parser("cost", help="the cost report by pipeline, tenant, model or variant",
+                          description="Print metered requests, errors, tokens, compute seconds and "
+                                      "cost. Reads the metering store with --redis (priced by "
+                                      "--config), or asks a router's Admin service with --router. "
+                                      "With neither: REDIS_URL if set, else the router at "
+                                      f"{DEFAULT_ROUTER}.")
+    cost.add_argument("--by", default="pipeline", choices=["pipeline", "tenant", "model", "variant"],
+                      help="group rows by this (default pipeline; variant groups by model:variant)")
+    cost.add_argument("--json", action="store_true", help="machine-readable output")
+    cost.add_argument("--config", default=DEFAULT_CONFIG,
+                      help=f"mesh.yaml with the prices, used with --redis (default {DEFAULT_CONFIG})")
+    source = cost.add_mutually_exclusive_group()
+    source.add_argument("--redis", metavar="URL", default=None, help="read the metering store in Redis")
+    source.add_argument("--router", metavar="HOST:PORT", default=None,
+                        help=f"ask this router's Admin service (default {DEFAULT_ROUTER})")
+    cost.add_argument("--admin-key", default=None,
+                      help="admin API key for --router (default: $CMESH_ADMIN_KEY)")
+    cost.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Redis or the router")
+    cost.set_defaults(func=_cmd_cost)
     return parser
 
 

@@ -10,10 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import numpy as np
 
 from cmesh import tensors
+from cmesh.config import TLSConfig
+from cmesh.tls import open_channel, open_sync_channel
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 
@@ -50,8 +51,10 @@ def to_result(response: pb.ModelInferResponse) -> Result:
 class Client:
     """Blocking client."""
 
-    def __init__(self, address: str, *, metadata: list[tuple[str, str]] | None = None) -> None:
-        self.channel = grpc.insecure_channel(address, options=DEFAULT_OPTIONS)
+    def __init__(self, address: str, *, metadata: list[tuple[str, str]] | None = None,
+                 tls: TLSConfig | None = None) -> None:
+        # tls None: plaintext; else e.g. the mesh's security.client_tls.
+        self.channel = open_sync_channel(address, tls, options=DEFAULT_OPTIONS)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.metadata = metadata or []
 
@@ -79,8 +82,9 @@ class Client:
 class AsyncClient:
     """asyncio client (grpc.aio); one channel multiplexes any number of calls."""
 
-    def __init__(self, address: str, *, metadata: list[tuple[str, str]] | None = None) -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=DEFAULT_OPTIONS)
+    def __init__(self, address: str, *, metadata: list[tuple[str, str]] | None = None,
+                 tls: TLSConfig | None = None) -> None:
+        self.channel = open_channel(address, tls, options=DEFAULT_OPTIONS)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.metadata = metadata or []
 

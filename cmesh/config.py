@@ -90,8 +90,17 @@ class ModelConfig(Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     price: PriceConfig = Field(default_factory=PriceConfig)
     options: dict[str, Any] = Field(default_factory=dict, description="engine option overrides")
-    endpoints: list[str] = Field(default_factory=list,
-                                 description="static host:port replicas (router without autoscaler)")
+    tenants: list[str] | None = Field(None, description="tenants allowed to call it; None: every tenant")
+    endpoints: list[str] | dict[Literal["dedicated", "serverless"], list[str]] = Field(
+        default_factory=list,
+        description="static host:port replicas for a router without an autoscaler; a list "
+                    "goes to the pool the mode implies, or give {dedicated: [...], serverless: [...]}")
+
+    def static_pools(self) -> dict[str, list[str]]:
+        if isinstance(self.endpoints, dict):
+            return {pool: list(addrs) for pool, addrs in self.endpoints.items()}
+        pool = "serverless" if self.deployment.mode == "serverless" else "dedicated"
+        return {pool: list(self.endpoints)} if self.endpoints else {}
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -202,10 +211,73 @@ class ServerConfig(Strict):
                                                          "long first, so clients notice and stop sending")
 
 
+class BreakerConfig(Strict):
+    """Circuit breaker per component (model and variant)."""
+
+    failure_threshold: int = Field(5, ge=1, description="consecutive failures that open it")
+    cool_down_s: float = Field(5.0, gt=0, description="open this long before a probe")
+    half_open_probes: int = Field(1, ge=1, description="requests let through while half-open")
+
+
+class OutlierConfig(Strict):
+    """Ejection of a single misbehaving replica (Envoy-style outlier detection)."""
+
+    consecutive_failures: int = Field(3, ge=1)
+    base_ejection_s: float = Field(5.0, gt=0, description="doubles with each repeat ejection")
+    max_ejection_fraction: float = Field(0.5, gt=0, le=1, description="never eject more of a pool")
+
+
+class RetryConfig(Strict):
+    max_attempts: int = Field(3, ge=1, description="first try included")
+    budget_ratio: float = Field(0.2, ge=0, le=1, description="retries per request, at most")
+    min_retries_per_s: float = Field(3.0, ge=0, description="always allowed, for low traffic")
+    backoff_ms: float = Field(5.0, ge=0)
+
+
+class TLSConfig(Strict):
+    """TLS for a listener (cert/key, plus ca + client_auth for mutual TLS) or for
+    client channels (ca to verify servers, cert/key to present with mutual TLS)."""
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    client_auth: bool = False
+    server_name: str | None = Field(None, description="override the name checked in server certs")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "TLSConfig":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert: give both cert and key, or neither")
+        if self.client_auth and self.ca is None:
+            raise ValueError("ca: client_auth requires a CA to verify client certificates")
+        return self
+
+
+class SecurityConfig(Strict):
+    server_tls: TLSConfig | None = Field(None, description="every listening port")
+    client_tls: TLSConfig | None = Field(None, description="every channel to another service")
+    admin_keys_env: str | None = Field(None, description="env var with comma-separated admin keys")
+    audit_log: str | None = Field(None, description="JSONL file for trust-layer audit records")
+
+
+class RouterConfig(Strict):
+    autoscaler: str | None = Field(None, description="host:port of the autoscaler; None: static endpoints")
+    data_path: Literal["stream", "unary"] = Field("stream", description="how requests reach replicas")
+    max_queue_per_model: int = Field(2048, ge=1, description="waiting requests before shedding")
+    hold_timeout_s: float = Field(30.0, gt=0, description="longest a request waits for a first replica")
+    max_held_per_model: int = Field(1024, ge=1, description="bounded buffer while a model has no replica")
+    default_timeout_s: float = Field(60.0, gt=0, description="deadline for calls that set none")
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    outlier: OutlierConfig = Field(default_factory=OutlierConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+
+
 class MeshConfig(Strict):
     store: str = Field("./.cmesh/store", description="model store root: path, file://, s3://")
     redis_url: str | None = None
     server: ServerConfig = Field(default_factory=ServerConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
     schedules: list[ScheduleConfig] = Field(default_factory=list)
@@ -216,6 +288,10 @@ class MeshConfig(Strict):
         for name in self.models:
             if not re.match(NAME_RE, name):
                 raise ValueError(f"models.{name}: name must match {NAME_RE}")
+        for name, model in self.models.items():
+            for tenant in model.tenants or []:
+                if tenant not in self.tenants:
+                    raise ValueError(f"models.{name}.tenants: unknown tenant {tenant!r}")
         for pname, pipe in self.pipelines.items():
             for nname, node in pipe.nodes.items():
                 if node.model not in self.models:

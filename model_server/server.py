@@ -12,6 +12,7 @@ from prometheus_client import start_http_server
 from cmesh.config import MeshConfig
 from cmesh.proc import process_age
 from cmesh.store import ModelStore
+from cmesh.tls import add_port
 from model_server.dataplane import DataPlane
 from model_server.metrics import ServerMetrics
 from model_server.repository import ModelRepository
@@ -78,9 +79,8 @@ class ModelServer:
         servicer = InferenceServicer(DataPlane(self.repository), self.health)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
-        self.port = self._server.add_insecure_port(f"{self.options.host}:{self.options.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.options.host}:{self.options.port}")
+        self.port = add_port(self._server, f"{self.options.host}:{self.options.port}",
+                             self.config.security.server_tls)
         await self._server.start()
         if self.options.metrics_port is not None:
             self._http, _ = start_http_server(self.options.metrics_port, addr=self.options.host,

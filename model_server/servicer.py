@@ -1,15 +1,12 @@
 """Thin OIP servicer: protobuf <-> data plane objects, errors -> status codes."""
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 from collections.abc import AsyncIterator
 
-import grpc
-
 from cmesh import tensors
-from cmesh.errors import Internal, MeshError, abort_with
+from cmesh.errors import Internal, MeshError
+from cmesh.rpc import guarded, serve_stream, stream_error
 from model_server.dataplane import DataPlane, InferRequest, InferResponse
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
@@ -17,28 +14,10 @@ from protos import inference_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "cmesh-model-server"
+COLLECT = "cmesh-collect"       # request parameter: answer a stream request in one response
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["model_repository", "model_repository(unload_dependents)", "parameters",
               "binary_tensor_data", "streaming"]
-
-
-def guarded(method):
-    """The one place where exceptions become statuses: MeshError keeps its code and
-    detail; anything unexpected becomes INTERNAL with a message, never UNKNOWN."""
-
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        try:
-            return await method(self, request, context)
-        except MeshError as exc:
-            await abort_with(context, exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            log.exception("unexpected error in %s", method.__name__)
-            await abort_with(context, Internal(f"internal error: {type(exc).__name__}: {exc}"))
-
-    return wrapper
 
 
 def to_domain(request: pb.ModelInferRequest) -> InferRequest:
@@ -55,19 +34,6 @@ def to_proto(response: InferResponse) -> pb.ModelInferResponse:
     for key, value in response.parameters.items():
         tensors.set_param(out.parameters, key, value)
     return out
-
-
-def stream_error(request: pb.ModelInferRequest, exc: MeshError) -> pb.ModelStreamInferResponse:
-    """Triton's stream carries errors as text; we add the status and detail as
-    parameters so a router can map them back to a code without parsing text."""
-    resp = pb.ModelStreamInferResponse(error_message=f"{exc.code.name}: {exc.message}")
-    ir = resp.infer_response
-    ir.model_name, ir.model_version, ir.id = request.model_name, request.model_version, request.id
-    for key, value in (("cmesh-error-code", exc.code.name), ("cmesh-error-reason", exc.reason),
-                       ("cmesh-error-field", exc.field), ("cmesh-retryable", exc.retryable),
-                       ("cmesh-retry-after-ms", exc.retry_after_ms), ("triton_final_response", True)):
-        tensors.set_param(ir.parameters, key, value)
-    return resp
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -113,36 +79,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests on one stream run concurrently; responses carry the request id."""
-        out: asyncio.Queue = asyncio.Queue()
-        tasks: set[asyncio.Task] = set()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def answer(request: pb.ModelInferRequest, emit) -> None:
             try:
-                async for piece in self.dataplane.stream(to_domain(request)):
-                    await out.put(pb.ModelStreamInferResponse(infer_response=to_proto(piece)))
+                domain = to_domain(request)
+                if domain.parameters.get(COLLECT):
+                    # A unary caller multiplexed onto this stream (the router's data
+                    # path): one whole answer, even from a generative model.
+                    response = to_proto(await self.dataplane.infer(domain))
+                    tensors.set_param(response.parameters, "triton_final_response", True)
+                    await emit(pb.ModelStreamInferResponse(infer_response=response))
+                    return
+                async for piece in self.dataplane.stream(domain):
+                    await emit(pb.ModelStreamInferResponse(infer_response=to_proto(piece)))
             except MeshError as exc:
-                await out.put(stream_error(request, exc))
+                await emit(stream_error(request, exc))
             except Exception as exc:  # noqa: BLE001
                 log.exception("unexpected error in stream request")
-                await out.put(stream_error(request, Internal(f"internal error: {exc}")))
+                await emit(stream_error(request, Internal(f"internal error: {exc}")))
 
-        async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.create_task(answer(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            await out.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await out.get()) is not None:
-                yield item
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+        async for response in serve_stream(request_iterator, answer):
+            yield response
 
     @guarded
     async def RepositoryIndex(self, request, context):

@@ -24,15 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11protos/mesh.proto\x12\x08\x63mesh.v1\"\x8d\x01\n\x0e\x43omponentError\x12\x11\n\tcomponent\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12\x16\n\x0eretry_after_ms\x18\x05 \x01(\x03\x12\r\n\x05\x66ield\x18\x06 \x01(\t\x12\x0c\n\x04node\x18\x07 \x01(\t\"\x8a\x01\n\tModelLoad\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x03\x12\x11\n\tin_flight\x18\x04 \x01(\x03\x12\x10\n\x08\x61rrivals\x18\x05 \x01(\x03\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x07 \x01(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11protos/mesh.proto\x12\x08\x63mesh.v1\"\x8d\x01\n\x0e\x43omponentError\x12\x11\n\tcomponent\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12\x16\n\x0eretry_after_ms\x18\x05 \x01(\x03\x12\r\n\x05\x66ield\x18\x06 \x01(\t\x12\x0c\n\x04node\x18\x07 \x01(\t\"\x8a\x01\n\tModelLoad\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x03\x12\x11\n\tin_flight\x18\x04 \x01(\x03\x12\x10\n\x08\x61rrivals\x18\x05 \x01(\x03\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x07 \x01(\x01\"\xb2\x01\n\nLoadReport\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x12#\n\x06models\x18\x03 \x03(\x0b\x32\x13.cmesh.v1.ModelLoad\x12,\n\x04held\x18\x04 \x03(\x0b\x32\x1e.cmesh.v1.LoadReport.HeldEntry\x1a+\n\tHeldEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x0f\n\rReportLoadAck\"k\n\x07Replica\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x14\n\x0cmax_inflight\x18\x05 \x01(\x05\x12\x10\n\x08variants\x18\x06 \x03(\t\"D\n\x0eModelEndpoints\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x08replicas\x18\x02 \x03(\x0b\x32\x11.cmesh.v1.Replica\"J\n\rEndpointTable\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12(\n\x06models\x18\x02 \x03(\x0b\x32\x18.cmesh.v1.ModelEndpoints\"A\n\x15WatchEndpointsRequest\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12\x15\n\rknown_version\x18\x02 \x01(\x03\">\n\x0bWarmRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1e\n\x0cWarmResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"%\n\x11\x43ostReportRequest\x12\x10\n\x08group_by\x18\x01 \x01(\t\"\x86\x01\n\x07\x43ostRow\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x03 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\x03\x12\x15\n\routput_tokens\x18\x05 \x01(\x03\x12\x11\n\tcompute_s\x18\x06 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x07 \x01(\x01\"t\n\x12\x43ostReportResponse\x12\x10\n\x08group_by\x18\x01 \x01(\t\x12\x1f\n\x04rows\x18\x02 \x03(\x0b\x32\x11.cmesh.v1.CostRow\x12\x12\n\ntotal_cost\x18\x03 \x01(\x01\x12\x17\n\x0ftotal_compute_s\x18\x04 \x01(\x01\x32\xd0\x01\n\nAutoscaler\x12=\n\nReportLoad\x12\x14.cmesh.v1.LoadReport\x1a\x17.cmesh.v1.ReportLoadAck(\x01\x12L\n\x0eWatchEndpoints\x12\x1f.cmesh.v1.WatchEndpointsRequest\x1a\x17.cmesh.v1.EndpointTable0\x01\x12\x35\n\x04Warm\x12\x15.cmesh.v1.WarmRequest\x1a\x16.cmesh.v1.WarmResponse2P\n\x05\x41\x64min\x12G\n\nCostReport\x12\x1b.cmesh.v1.CostReportRequest\x1a\x1c.cmesh.v1.CostReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.mesh_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_LOADREPORT_HELDENTRY']._loaded_options = None
+  _globals['_LOADREPORT_HELDENTRY']._serialized_options = b'8\001'
   _globals['_COMPONENTERROR']._serialized_start=32
   _globals['_COMPONENTERROR']._serialized_end=173
   _globals['_MODELLOAD']._serialized_start=176
   _globals['_MODELLOAD']._serialized_end=314
+  _globals['_LOADREPORT']._serialized_start=317
+  _globals['_LOADREPORT']._serialized_end=495
+  _globals['_LOADREPORT_HELDENTRY']._serialized_start=452
+  _globals['_LOADREPORT_HELDENTRY']._serialized_end=495
+  _globals['_REPORTLOADACK']._serialized_start=497
+  _globals['_REPORTLOADACK']._serialized_end=512
+  _globals['_REPLICA']._serialized_start=514
+  _globals['_REPLICA']._serialized_end=621
+  _globals['_MODELENDPOINTS']._serialized_start=623
+  _globals['_MODELENDPOINTS']._serialized_end=691
+  _globals['_ENDPOINTTABLE']._serialized_start=693
+  _globals['_ENDPOINTTABLE']._serialized_end=767
+  _globals['_WATCHENDPOINTSREQUEST']._serialized_start=769
+  _globals['_WATCHENDPOINTSREQUEST']._serialized_end=834
+  _globals['_WARMREQUEST']._serialized_start=836
+  _globals['_WARMREQUEST']._serialized_end=898
+  _globals['_WARMRESPONSE']._serialized_start=900
+  _globals['_WARMRESPONSE']._serialized_end=930
+  _globals['_COSTREPORTREQUEST']._serialized_start=932
+  _globals['_COSTREPORTREQUEST']._serialized_end=969
+  _globals['_COSTROW']._serialized_start=972
+  _globals['_COSTROW']._serialized_end=1106
+  _globals['_COSTREPORTRESPONSE']._serialized_start=1108
+  _globals['_COSTREPORTRESPONSE']._serialized_end=1224
+  _globals['_AUTOSCALER']._serialized_start=1227
+  _globals['_AUTOSCALER']._serialized_end=1435
+  _globals['_ADMIN']._serialized_start=1437
+  _globals['_ADMIN']._serialized_end=1517
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -39,3 +41,118 @@ class ModelLoad(_message.Message):
     ready: bool
     load_seconds: float
     def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., arrivals: _Optional[int] = ..., ready: _Optional[bool] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+
+class LoadReport(_message.Message):
+    __slots__ = ("source", "timestamp_ms", "models", "held")
+    class HeldEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    timestamp_ms: int
+    models: _containers.RepeatedCompositeFieldContainer[ModelLoad]
+    held: _containers.ScalarMap[str, int]
+    def __init__(self, source: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelLoad, _Mapping]]] = ..., held: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ReportLoadAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Replica(_message.Message):
+    __slots__ = ("id", "address", "pool", "state", "max_inflight", "variants")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    address: str
+    pool: str
+    state: str
+    max_inflight: int
+    variants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., pool: _Optional[str] = ..., state: _Optional[str] = ..., max_inflight: _Optional[int] = ..., variants: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ModelEndpoints(_message.Message):
+    __slots__ = ("model", "replicas")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    replicas: _containers.RepeatedCompositeFieldContainer[Replica]
+    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
+
+class EndpointTable(_message.Message):
+    __slots__ = ("version", "models")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    models: _containers.RepeatedCompositeFieldContainer[ModelEndpoints]
+    def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelEndpoints, _Mapping]]] = ...) -> None: ...
+
+class WatchEndpointsRequest(_message.Message):
+    __slots__ = ("router_id", "known_version")
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    router_id: str
+    known_version: int
+    def __init__(self, router_id: _Optional[str] = ..., known_version: _Optional[int] = ...) -> None: ...
+
+class WarmRequest(_message.Message):
+    __slots__ = ("model", "pipeline", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    pipeline: str
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., pipeline: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class WarmResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, models: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CostReportRequest(_message.Message):
+    __slots__ = ("group_by",)
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    group_by: str
+    def __init__(self, group_by: _Optional[str] = ...) -> None: ...
+
+class CostRow(_message.Message):
+    __slots__ = ("key", "requests", "errors", "input_tokens", "output_tokens", "compute_s", "cost")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    requests: int
+    errors: int
+    input_tokens: int
+    output_tokens: int
+    compute_s: float
+    cost: float
+    def __init__(self, key: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., compute_s: _Optional[float] = ..., cost: _Optional[float] = ...) -> None: ...
+
+class CostReportResponse(_message.Message):
+    __slots__ = ("group_by", "rows", "total_cost", "total_compute_s")
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_COST_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    group_by: str
+    rows: _containers.RepeatedCompositeFieldContainer[CostRow]
+    total_cost: float
+    total_compute_s: float
+    def __init__(self, group_by: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[CostRow, _Mapping]]] = ..., total_cost: _Optional[float] = ..., total_compute_s: _Optional[float] = ...) -> None: ...

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from protos import mesh_pb2 as protos_dot_mesh__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,254 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class AutoscalerStub:
+    """---------------------------------------------------------------------------
+    Autoscaler: routers watch endpoint tables and ask for warm-ups; routers and
+    model servers stream load reports.
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ReportLoad = channel.stream_unary(
+                '/cmesh.v1.Autoscaler/ReportLoad',
+                request_serializer=protos_dot_mesh__pb2.LoadReport.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.ReportLoadAck.FromString,
+                _registered_method=True)
+        self.WatchEndpoints = channel.unary_stream(
+                '/cmesh.v1.Autoscaler/WatchEndpoints',
+                request_serializer=protos_dot_mesh__pb2.WatchEndpointsRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.EndpointTable.FromString,
+                _registered_method=True)
+        self.Warm = channel.unary_unary(
+                '/cmesh.v1.Autoscaler/Warm',
+                request_serializer=protos_dot_mesh__pb2.WarmRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.WarmResponse.FromString,
+                _registered_method=True)
+
+
+class AutoscalerServicer:
+    """---------------------------------------------------------------------------
+    Autoscaler: routers watch endpoint tables and ask for warm-ups; routers and
+    model servers stream load reports.
+
+    """
+
+    def ReportLoad(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEndpoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Warm(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AutoscalerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ReportLoad': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReportLoad,
+                    request_deserializer=protos_dot_mesh__pb2.LoadReport.FromString,
+                    response_serializer=protos_dot_mesh__pb2.ReportLoadAck.SerializeToString,
+            ),
+            'WatchEndpoints': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEndpoints,
+                    request_deserializer=protos_dot_mesh__pb2.WatchEndpointsRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.EndpointTable.SerializeToString,
+            ),
+            'Warm': grpc.unary_unary_rpc_method_handler(
+                    servicer.Warm,
+                    request_deserializer=protos_dot_mesh__pb2.WarmRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.WarmResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cmesh.v1.Autoscaler', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cmesh.v1.Autoscaler', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Autoscaler:
+    """---------------------------------------------------------------------------
+    Autoscaler: routers watch endpoint tables and ask for warm-ups; routers and
+    model servers stream load reports.
+
+    """
+
+    @staticmethod
+    def ReportLoad(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/cmesh.v1.Autoscaler/ReportLoad',
+            protos_dot_mesh__pb2.LoadReport.SerializeToString,
+            protos_dot_mesh__pb2.ReportLoadAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEndpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cmesh.v1.Autoscaler/WatchEndpoints',
+            protos_dot_mesh__pb2.WatchEndpointsRequest.SerializeToString,
+            protos_dot_mesh__pb2.EndpointTable.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Warm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cmesh.v1.Autoscaler/Warm',
+            protos_dot_mesh__pb2.WarmRequest.SerializeToString,
+            protos_dot_mesh__pb2.WarmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminStub:
+    """---------------------------------------------------------------------------
+    Admin: operations that need the admin key.
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CostReport = channel.unary_unary(
+                '/cmesh.v1.Admin/CostReport',
+                request_serializer=protos_dot_mesh__pb2.CostReportRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.CostReportResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """---------------------------------------------------------------------------
+    Admin: operations that need the admin key.
+
+    """
+
+    def CostReport(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CostReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.CostReport,
+                    request_deserializer=protos_dot_mesh__pb2.CostReportRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.CostReportResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cmesh.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cmesh.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """---------------------------------------------------------------------------
+    Admin: operations that need the admin key.
+
+    """
+
+    @staticmethod
+    def CostReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cmesh.v1.Admin/CostReport',
+            protos_dot_mesh__pb2.CostReportRequest.SerializeToString,
+            protos_dot_mesh__pb2.CostReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -56,3 +56,11 @@ def redis_url():
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """CA, server cert (localhost, 127.0.0.1), client cert, and a rogue CA + client cert."""
+    from pki import make_pki
+
+    return make_pki(tmp_path_factory)

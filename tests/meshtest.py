@@ -124,3 +124,26 @@ def write_config(path: Path, data: dict) -> Path:
 
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def identity_text_model(store: Path, name: str = "echo", version: str = "1", *,
+                        max_batch_size: int = 8) -> str:
+    """A model echoing its BYTES input: lets a test see exactly what a replica received."""
+    return write_version(store, name, version, engine="identity",
+                         inputs=[{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+                         outputs=[{"name": "echo", "datatype": "BYTES", "shape": [-1]}],
+                         max_batch_size=max_batch_size, max_queue_delay_ms=1)
+
+
+@asynccontextmanager
+async def running_router(config: MeshConfig, **kw: Any):
+    """An in-process router on a free port (static endpoints unless the config names
+    an autoscaler). Keyword arguments go to RouterServer (meter, auth, metrics)."""
+    from router.server import RouterOptions, RouterServer
+
+    server = RouterServer(config, RouterOptions(port=0), **kw)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=1.0)

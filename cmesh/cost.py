@@ -1,0 +1,163 @@
+"""The cost report: metered usage rows priced by the config (pure; no I/O).
+
+Input rows come from a meter (``router.metering``) or anything with the same
+attributes; output is a ``CostReport`` that the Admin service sends as
+``cmesh.v1.CostReportResponse`` and ``cmesh cost`` prints. Per row:
+
+    cost = compute_s × price.replica_second + (input + output tokens) / 1000 × price.per_1k_tokens
+
+with the price of the row's model; a model missing from the config costs 0 but
+still appears, so usage is never silently dropped.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+from cmesh.config import MeshConfig
+from protos import mesh_pb2
+
+GROUP_BY = ("pipeline", "tenant", "model", "variant")
+NONE_KEY = "(none)"
+OK = "OK"
+
+
+class UsageRow(Protocol):
+    """What the report needs from one aggregate row (``router.metering.MeterRow``)."""
+
+    tenant: str
+    pipeline: str
+    model: str
+    variant: str
+    latency_class: str
+    status: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+
+    @property
+    def compute_s(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class CostLine:
+    key: str
+    requests: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    compute_s: float = 0.0
+    cost: float = 0.0
+
+    def plus(self, other: "CostLine", key: str | None = None) -> "CostLine":
+        return CostLine(key=self.key if key is None else key,
+                        requests=self.requests + other.requests,
+                        errors=self.errors + other.errors,
+                        input_tokens=self.input_tokens + other.input_tokens,
+                        output_tokens=self.output_tokens + other.output_tokens,
+                        compute_s=self.compute_s + other.compute_s,
+                        cost=self.cost + other.cost)
+
+
+@dataclass(frozen=True)
+class CostReport:
+    group_by: str
+    rows: tuple[CostLine, ...]
+    total: CostLine
+
+
+def check_group_by(group_by: str) -> str:
+    if group_by not in GROUP_BY:
+        raise ValueError(f"group_by: must be one of {', '.join(GROUP_BY)}; got {group_by!r}")
+    return group_by
+
+
+def group_key(row: UsageRow, group_by: str) -> str:
+    if group_by == "variant":
+        return f"{row.model}:{row.variant or NONE_KEY}"
+    return getattr(row, group_by) or NONE_KEY
+
+
+def price_row(row: UsageRow, config: MeshConfig) -> float:
+    model = config.models.get(row.model)
+    if model is None:
+        return 0.0
+    tokens = row.input_tokens + row.output_tokens
+    return row.compute_s * model.price.replica_second + tokens / 1000 * model.price.per_1k_tokens
+
+
+def _sort_key(row: UsageRow) -> tuple:
+    return (row.tenant, row.pipeline, row.model, row.variant, row.latency_class, row.status)
+
+
+def build_report(rows: Iterable[UsageRow], config: MeshConfig, group_by: str) -> CostReport:
+    """Group, price and total ``rows``; lines sorted by cost (highest first), then key."""
+    check_group_by(group_by)
+    groups: dict[str, CostLine] = {}
+    # Float sums depend on order: a canonical order makes equal row sets (from
+    # different stores, listed differently) give bit-identical reports.
+    for row in sorted(rows, key=_sort_key):
+        key = group_key(row, group_by)
+        line = CostLine(key=key, requests=row.requests,
+                        errors=row.requests if row.status != OK else 0,
+                        input_tokens=row.input_tokens, output_tokens=row.output_tokens,
+                        compute_s=row.compute_s, cost=price_row(row, config))
+        groups[key] = groups[key].plus(line) if key in groups else line
+    lines = tuple(sorted(groups.values(), key=lambda line: (-line.cost, line.key)))
+    return CostReport(group_by=group_by, rows=lines, total=_total(lines))
+
+
+def _total(lines: Iterable[CostLine]) -> CostLine:
+    total = CostLine(key="total")
+    for line in lines:
+        total = total.plus(line, key="total")
+    return total
+
+
+_COLUMNS = (("requests", "{:d}"), ("errors", "{:d}"), ("input_tokens", "{:d}"),
+            ("output_tokens", "{:d}"), ("compute_s", "{:.3f}"), ("cost", "{:.6f}"))
+
+
+def format_table(report: CostReport) -> str:
+    """An aligned text table, one line per group, then a rule and the total."""
+    header = [report.group_by] + [name for name, _ in _COLUMNS]
+    body = [[line.key] + [fmt.format(getattr(line, name)) for name, fmt in _COLUMNS]
+            for line in report.rows]
+    total = [report.total.key] + [fmt.format(getattr(report.total, name)) for name, fmt in _COLUMNS]
+    widths = [max(len(r[i]) for r in [header, *body, total]) for i in range(len(header))]
+
+    def render(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:]))
+        return "  ".join([first, *rest]).rstrip()
+
+    out = [render(header)]
+    out += [render(r) for r in body] if body else ["(no metered requests)"]
+    out += ["-" * len(render(header)), render(total)]
+    return "\n".join(out)
+
+
+def to_json(report: CostReport) -> dict:
+    return {"group_by": report.group_by, "rows": [asdict(line) for line in report.rows],
+            "total": asdict(report.total)}
+
+
+def report_to_proto(report: CostReport) -> mesh_pb2.CostReportResponse:
+    return mesh_pb2.CostReportResponse(
+        group_by=report.group_by,
+        rows=[mesh_pb2.CostRow(**asdict(line)) for line in report.rows],
+        total_cost=report.total.cost, total_compute_s=report.total.compute_s)
+
+
+def report_from_proto(message: mesh_pb2.CostReportResponse) -> CostReport:
+    """The report back; counts are re-totalled from the rows (the message carries
+    only cost and compute totals, which are taken as sent)."""
+    lines = tuple(CostLine(key=r.key, requests=r.requests, errors=r.errors,
+                           input_tokens=r.input_tokens, output_tokens=r.output_tokens,
+                           compute_s=r.compute_s, cost=r.cost) for r in message.rows)
+    counted = _total(lines)
+    total = CostLine(key="total", requests=counted.requests, errors=counted.errors,
+                     input_tokens=counted.input_tokens, output_tokens=counted.output_tokens,
+                     compute_s=message.total_compute_s, cost=message.total_cost)
+    return CostReport(group_by=message.group_by, rows=lines, total=total)

@@ -1,0 +1,71 @@
+"""What every cmesh servicer shares: the one exception-to-status mapping, and
+how errors travel inside Triton's ModelStreamInfer stream."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+from cmesh import tensors
+from cmesh.errors import Internal, MeshError, abort_with
+from protos import inference_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+def guarded(method):
+    """MeshError keeps its code and detail; anything unexpected becomes INTERNAL
+    with a message, never UNKNOWN."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except MeshError as exc:
+            await abort_with(context, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.exception("unexpected error in %s", method.__name__)
+            await abort_with(context, Internal(f"internal error: {type(exc).__name__}: {exc}"))
+
+    return wrapper
+
+
+def stream_error(request: pb.ModelInferRequest, exc: MeshError) -> pb.ModelStreamInferResponse:
+    """Triton's stream carries errors as text; the status and detail also travel as
+    parameters so a router can map them back to a code without parsing text."""
+    resp = pb.ModelStreamInferResponse(error_message=f"{exc.code.name}: {exc.message}")
+    ir = resp.infer_response
+    ir.model_name, ir.model_version, ir.id = request.model_name, request.model_version, request.id
+    for key, value in (("cmesh-error-code", exc.code.name), ("cmesh-error-reason", exc.reason),
+                       ("cmesh-error-field", exc.field), ("cmesh-retryable", exc.retryable),
+                       ("cmesh-retry-after-ms", exc.retry_after_ms),
+                       ("cmesh-error-component", exc.component), ("triton_final_response", True)):
+        tensors.set_param(ir.parameters, key, value)
+    return resp
+
+
+async def serve_stream(request_iterator, answer):
+    """Run ``answer(request, emit)`` concurrently for every request on a stream and
+    yield what they emit, until the client closes its side and all are answered."""
+    out: asyncio.Queue = asyncio.Queue()
+    tasks: set[asyncio.Task] = set()
+
+    async def read() -> None:
+        async for request in request_iterator:
+            task = asyncio.create_task(answer(request, out.put))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*list(tasks), return_exceptions=True)
+        await out.put(None)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (item := await out.get()) is not None:
+            yield item
+    finally:
+        reader.cancel()
+        for task in list(tasks):
+            task.cancel()

@@ -1,0 +1,64 @@
+"""``python -m router``: run one router (the Prediction Service)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m router",
+                                description="Route Open Inference Protocol calls to model-server replicas: "
+                                            "priority queues, spill-over, breakers, retries, metering.")
+    p.add_argument("--config", required=True, help="path to mesh.yaml")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="gRPC port; 0 picks a free one (default 8000)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port; 0 picks a free one")
+    p.add_argument("--autoscaler", default=None, help="host:port of the autoscaler (overrides the config)")
+    p.add_argument("--redis", default=None, help="Redis URL for metering (default: config, then $REDIS_URL)")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from cmesh.config import load_config
+    from router.server import RouterOptions, RouterServer
+
+    config = load_config(args.config)
+    if args.autoscaler:
+        config.router.autoscaler = args.autoscaler
+    config.redis_url = args.redis or config.redis_url or os.environ.get("REDIS_URL") or None
+    server = RouterServer(config, RouterOptions(host=args.host, port=args.port, metrics_port=args.metrics_port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(json.dumps({"event": "ready", "port": server.port, "metrics_port": server.metrics_port,
+                      "metering": "redis" if config.redis_url else "memory",
+                      "endpoints": "autoscaler" if config.router.autoscaler else "static"}), flush=True)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    from cmesh.validation import ConfigError
+
+    try:
+        return uvloop.run(serve(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The Prediction Service's data plane, independent of gRPC.
+
+For each call: pick the variant (sticky A/B), check the component's breaker,
+mask PII (trust layer), queue in the model's dispatcher, send to the leased
+replica, retry on a different replica while no response has started and the
+budget allows, then meter the request exactly once by its request id.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from cmesh.config import MeshConfig
+from cmesh.errors import MeshError, NotFound, Unavailable
+from cmesh.tensors import decode_parameters, set_param
+from protos import inference_pb2 as pb
+from router.abtest import choose_variant
+from router.auth import Principal
+from router.breaker import BreakerRegistry
+from router.dispatcher import Lease, ModelDispatcher, Ticket
+from router.endpoints import EndpointTable
+from router.metering import Meter, MeterEvent
+from router.metrics import RouterMetrics
+from router.outlier import OutlierDetector
+from router.replica import BackendError, make_path
+from router.retry import RetryBudget, RetryPolicy
+from router.trust_io import TrustLayer
+
+log = logging.getLogger(__name__)
+
+# Request parameters the router stamps on every call it forwards.
+P_PIPELINE = "cmesh-pipeline-id"
+P_CLASS = "cmesh-latency-class"
+P_REQUEST_ID = "cmesh-request-id"
+P_SESSION = "cmesh-session"
+P_TIMEOUT_MS = "cmesh-timeout-ms"
+P_COLLECT = "cmesh-collect"
+P_ATTEMPTS = "cmesh-attempts"
+# Replica failures that say the component is unhealthy (breaker, outlier ejection).
+HEALTH_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
+
+
+@dataclass
+class CallContext:
+    principal: Principal
+    pipeline: str = ""
+    latency_class: str = ""
+    session: str = ""
+    request_id: str = ""
+    deadline: float = 0.0          # monotonic seconds
+
+
+class RouterCore:
+    def __init__(self, config: MeshConfig, table: EndpointTable, meter: Meter, metrics: RouterMetrics,
+                 warm: Callable[[str], "asyncio.Future | object"], trust: TrustLayer,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.table = table
+        self.meter = meter
+        self.metrics = metrics
+        self.trust = trust
+        self._warm = warm
+        self._now = clock
+        self._wall = wall
+        self._rng = rng or random.Random()
+        rc = config.router
+        self.breakers = BreakerRegistry(rc.breaker, clock)
+        self.outliers = OutlierDetector(rc.outlier)
+        self.retry = RetryPolicy(rc.retry, RetryBudget(rc.retry.budget_ratio, rc.retry.min_retries_per_s, clock))
+        self._paths: dict[str, object] = {}
+        self._dispatchers: dict[str, ModelDispatcher] = {}
+        self._pending_meters: set[asyncio.Task] = set()
+        table.subscribe(self._on_table_change)
+
+    # -- calls ----------------------------------------------------------------------
+
+    async def infer(self, ctx: CallContext, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        final = None
+        async for response in self._run(ctx, request, streaming=False):
+            final = response
+        assert final is not None
+        return final
+
+    def stream(self, ctx: CallContext, request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
+        return self._run(ctx, request, streaming=True)
+
+    async def _run(self, ctx: CallContext, request: pb.ModelInferRequest, *, streaming: bool
+                   ) -> AsyncIterator[pb.ModelInferResponse]:
+        model = request.model_name
+        cfg = self.config.models.get(model)
+        if cfg is None:
+            raise NotFound(f"unknown model {model!r}", component=model, pipeline=ctx.pipeline)
+        params = decode_parameters(request.parameters)
+        ctx.latency_class = ctx.latency_class or str(params.get(P_CLASS) or cfg.latency_class)
+        if ctx.latency_class not in ("interactive", "batch"):
+            from cmesh.errors import InvalidInput
+            raise InvalidInput(P_CLASS, f"must be 'interactive' or 'batch', got {ctx.latency_class!r}")
+        ctx.request_id = ctx.request_id or str(params.get(P_REQUEST_ID) or uuid.uuid4().hex)
+        ctx.pipeline = ctx.pipeline or str(params.get(P_PIPELINE) or "")
+        variants = cfg.variant_sources()
+        variant = request.model_version or choose_variant(
+            {name: v.weight for name, v in variants.items()}, ctx.session or None, self._rng)
+        if variant not in variants:
+            raise NotFound(f"model {model!r} has no variant {variant!r}; variants: {sorted(variants)}",
+                           component=model, pipeline=ctx.pipeline)
+        component = f"{model}:{variant}"
+        started_at = self._now()
+        status, final = "OK", None
+        breaker = self.breakers.get(component)
+        if not breaker.try_acquire(started_at):
+            self.metrics.breaker(component, breaker.state(started_at))
+            err = Unavailable(f"circuit breaker for {component} is open after repeated failures",
+                              component=component, pipeline=ctx.pipeline,
+                              retry_after_ms=breaker.retry_after_ms(started_at))
+            err.reason = "breaker_open"
+            self._record(ctx, model, variant, err.code.name, None, started_at)
+            raise err
+        verdict: bool | None = None
+        try:
+            self.trust.apply(request, ctx, model)
+            request.model_version = variant
+            for key, value in ((P_PIPELINE, ctx.pipeline), (P_CLASS, ctx.latency_class),
+                               (P_REQUEST_ID, ctx.request_id)):
+                set_param(request.parameters, key, value)
+            if not streaming and self.config.router.data_path == "stream":
+                set_param(request.parameters, P_COLLECT, True)
+            async for response in self._attempts(ctx, request, model, variant, streaming):
+                final = response
+                yield response
+            verdict = True
+        except BackendError as exc:
+            status = exc.code.name
+            exc.component, exc.pipeline = exc.component or component, ctx.pipeline
+            verdict = False if exc.code in HEALTH_CODES else None
+            raise
+        except MeshError as exc:
+            status = exc.code.name
+            exc.component, exc.pipeline = exc.component or component, exc.pipeline or ctx.pipeline
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "CANCELLED"
+            raise
+        finally:
+            self._breaker_verdict(breaker, component, verdict)
+            self._record(ctx, model, variant, status, final, started_at)
+
+    async def _attempts(self, ctx: CallContext, request: pb.ModelInferRequest, model: str, variant: str,
+                        streaming: bool) -> AsyncIterator[pb.ModelInferResponse]:
+        dispatcher = self._dispatcher(model)
+        exclude: frozenset[str] = frozenset()
+        last_error: MeshError | None = None
+        attempt = 0
+        while True:
+            lease: Lease = await dispatcher.acquire(Ticket(latency_class=ctx.latency_class, deadline=ctx.deadline,
+                                                           variant=variant, exclude=exclude,
+                                                           last_error=last_error))
+            path = self._path(lease.replica.address)
+            remaining = ctx.deadline - self._now()
+            set_param(request.parameters, P_TIMEOUT_MS, max(1, int(remaining * 1000)))
+            started = False
+            try:
+                calls = path.stream(request, remaining) if streaming else path.call(request, remaining)
+                async for response in calls:
+                    started = True
+                    if attempt:
+                        set_param(response.parameters, P_ATTEMPTS, attempt + 1)
+                    yield response
+                self.outliers.on_success(lease.replica.id)
+                return
+            except BackendError as err:
+                err.started = err.started or started
+                self._replica_failed(model, lease, err)
+                decision = self.retry.decide(attempt=attempt + 1, code_name=err.code.name,
+                                             response_started=err.started,
+                                             remaining_s=ctx.deadline - self._now(), now=self._now())
+                if not decision.retry:
+                    if attempt or err.retryable:
+                        self.metrics.retry_denied(model, decision.reason)
+                    raise
+                self.metrics.retry(model, err.code.name)
+                exclude = exclude | {lease.replica.id}
+                last_error, attempt = err, attempt + 1
+                if decision.backoff_s:
+                    await asyncio.sleep(decision.backoff_s)
+            finally:
+                lease.release()
+
+    # -- bookkeeping ----------------------------------------------------------------
+
+    def _replica_failed(self, model: str, lease: Lease, err: BackendError) -> None:
+        if err.code not in HEALTH_CODES:
+            return
+        now = self._now()
+        pool_size = sum(1 for r in self.table.replicas(model) if r.pool == lease.replica.pool)
+        if self.outliers.on_failure(lease.replica.id, now, pool_size):
+            self.metrics.ejected(model)
+            log.warning("ejected replica %s of %s after repeated failures (%s)", lease.replica.address,
+                        model, err.message)
+
+    def _breaker_verdict(self, breaker, component: str, verdict: bool | None) -> None:
+        now = self._now()
+        if verdict is True:
+            breaker.on_success(now)
+        elif verdict is False:
+            breaker.on_failure(now)
+        else:
+            breaker.release(now)
+        self.metrics.breaker(component, breaker.state(now))
+
+    def _record(self, ctx: CallContext, model: str, variant: str, status: str,
+                final: pb.ModelInferResponse | None, started_at: float) -> None:
+        self.metrics.request(model, variant, ctx.latency_class or "interactive", status,
+                             self._now() - started_at)
+        params = decode_parameters(final.parameters) if final is not None else {}
+        event = MeterEvent(request_id=ctx.request_id or uuid.uuid4().hex, tenant=ctx.principal.tenant,
+                           pipeline=ctx.pipeline, model=model, variant=variant,
+                           latency_class=ctx.latency_class or "interactive", status=status,
+                           input_tokens=int(params.get("cmesh-input-tokens", 0) or 0),
+                           output_tokens=int(params.get("cmesh-output-tokens", 0) or 0),
+                           compute_s=float(params.get("cmesh-compute-ms", 0.0) or 0.0) / 1000.0,
+                           timestamp=self._wall())
+        task = asyncio.get_running_loop().create_task(self._meter(event))
+        self._pending_meters.add(task)
+        task.add_done_callback(self._pending_meters.discard)
+
+    async def _meter(self, event: MeterEvent) -> None:
+        try:
+            await self.meter.record(event)
+        except MeshError as exc:          # metering must never fail the request it meters
+            log.error("metering failed for %s: %s", event.request_id, exc.message)
+
+    async def flush_metering(self) -> None:
+        if self._pending_meters:
+            await asyncio.gather(*list(self._pending_meters), return_exceptions=True)
+
+    def _dispatcher(self, model: str) -> ModelDispatcher:
+        dispatcher = self._dispatchers.get(model)
+        if dispatcher is None:
+            dispatcher = ModelDispatcher(model, self.config.models[model], self.config.router, self.table,
+                                         self.outliers, self.metrics, self._warm, clock=self._now)
+            self._dispatchers[model] = dispatcher
+        return dispatcher
+
+    def _path(self, address: str):
+        path = self._paths.get(address)
+        if path is None:
+            path = make_path(self.config.router.data_path, address, self.config.security.client_tls)
+            self._paths[address] = path
+        return path
+
+    def _on_table_change(self, changed: set[str]) -> None:
+        live = self.table.addresses()
+        for address in [a for a in self._paths if a not in live]:
+            path = self._paths.pop(address)
+            asyncio.get_running_loop().create_task(path.close())
+        for model in changed:
+            if model in self._dispatchers:
+                self._dispatchers[model].on_table_change()
+
+    def replica_address(self, model: str) -> str | None:
+        """Any ready replica of the model (metadata calls are forwarded to it)."""
+        for r in self.table.replicas(model):
+            if r.state == "ready":
+                return r.address
+        return None
+
+    async def close(self) -> None:
+        await self.flush_metering()
+        for dispatcher in self._dispatchers.values():
+            await dispatcher.close()
+        for path in self._paths.values():
+            await path.close()

@@ -1,0 +1,218 @@
+"""Connections from the router to one model-server replica.
+
+Two data paths with one interface, chosen by ``router.data_path``:
+* ``StreamPath`` keeps one long-lived bidi ``ModelStreamInfer`` stream per replica
+  and multiplexes every request over it, correlating responses by request id;
+* ``UnaryPath`` makes one ``ModelInfer`` call per request.
+Both raise ``BackendError`` carrying the replica's status code and whether any
+response had started, which decides whether a retry is allowed.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from cmesh.config import TLSConfig
+from cmesh.errors import MeshError
+from cmesh.tensors import decode_parameters
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20),
+                   ("grpc.max_send_message_length", 64 * 2**20),
+                   ("grpc.keepalive_time_ms", 10_000),
+                   ("grpc.keepalive_timeout_ms", 5_000),
+                   ("grpc.http2.max_pings_without_data", 0)]
+FINAL = "triton_final_response"
+
+
+class BackendError(MeshError):
+    """A replica's error, forwarded with its own status code and reason."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, reason: str = "", started: bool = False,
+                 retryable: bool | None = None, component: str = "", field: str = "",
+                 retry_after_ms: int = 0) -> None:
+        super().__init__(message, component=component, field=field, retry_after_ms=retry_after_ms)
+        self.code = code                      # instance attributes shadow the class defaults
+        self.reason = reason or code.name.lower()
+        self.retryable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED) \
+            if retryable is None else retryable
+        self.started = started
+
+
+def _error_from_stream(response: pb.ModelStreamInferResponse, started: bool) -> BackendError:
+    params = decode_parameters(response.infer_response.parameters)
+    code_name, _, message = response.error_message.partition(": ")
+    code = getattr(grpc.StatusCode, str(params.get("cmesh-error-code") or code_name), grpc.StatusCode.INTERNAL)
+    return BackendError(code, message or response.error_message, reason=str(params.get("cmesh-error-reason", "")),
+                        started=started, field=str(params.get("cmesh-error-field", "")),
+                        retryable=params.get("cmesh-retryable"),
+                        retry_after_ms=int(params.get("cmesh-retry-after-ms", 0) or 0))
+
+
+def _error_from_rpc(exc: grpc.aio.AioRpcError, started: bool) -> BackendError:
+    from cmesh.errors import component_error_of
+
+    remote = component_error_of(exc)
+    detail = remote.detail
+    return BackendError(remote.code, remote.message, started=started,
+                        reason=detail.reason if detail else "",
+                        retryable=detail.retryable if detail else None,
+                        field=detail.field if detail else "",
+                        retry_after_ms=detail.retry_after_ms if detail else 0)
+
+
+def open_channel(address: str, tls: TLSConfig | None) -> grpc.aio.Channel:
+    if tls is not None:
+        from cmesh.tls import open_channel as open_tls
+
+        return open_tls(address, tls, options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+class UnaryPath:
+    def __init__(self, address: str, tls: TLSConfig | None = None) -> None:
+        self.address = address
+        self.channel = open_channel(address, tls)
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+
+    async def call(self, request: pb.ModelInferRequest, timeout: float) -> AsyncIterator[pb.ModelInferResponse]:
+        try:
+            yield await self.stub.ModelInfer(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _error_from_rpc(exc, started=False) from None
+
+    async def stream(self, request: pb.ModelInferRequest, timeout: float) -> AsyncIterator[pb.ModelInferResponse]:
+        """Streaming responses (generative models) need the stream RPC even here."""
+        started = False
+        call = self.stub.ModelStreamInfer(iter([request]), timeout=timeout)
+        try:
+            async for response in call:
+                if response.error_message:
+                    raise _error_from_stream(response, started)
+                started = True
+                yield response.infer_response
+        except grpc.aio.AioRpcError as exc:
+            raise _error_from_rpc(exc, started) from None
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class StreamPath:
+    """One bidi stream per replica, many requests in flight on it."""
+
+    def __init__(self, address: str, tls: TLSConfig | None = None) -> None:
+        self.address = address
+        self.channel = open_channel(address, tls)
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self._ids = itertools.count(1)
+        self._outbox: asyncio.Queue | None = None
+        self._pending: dict[str, asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
+        self._call = None
+        self._lock = asyncio.Lock()
+        self._unary = UnaryPath.__new__(UnaryPath)     # shares this channel for fallbacks
+        self._unary.address, self._unary.channel, self._unary.stub = address, self.channel, self.stub
+
+    async def _ensure_stream(self) -> asyncio.Queue:
+        if self._outbox is not None and self._reader is not None and not self._reader.done():
+            return self._outbox
+        async with self._lock:
+            if self._outbox is not None and self._reader is not None and not self._reader.done():
+                return self._outbox
+            outbox: asyncio.Queue = asyncio.Queue()
+
+            async def requests():
+                while (item := await outbox.get()) is not None:
+                    yield item
+
+            self._call = self.stub.ModelStreamInfer(requests())
+            self._outbox = outbox
+            self._reader = asyncio.create_task(self._read(self._call, outbox),
+                                               name=f"replica-stream-{self.address}")
+            return outbox
+
+    async def _read(self, call, outbox: asyncio.Queue) -> None:
+        error: BaseException | None = None
+        try:
+            async for response in call:
+                queue = self._pending.get(response.infer_response.id)
+                if queue is not None:
+                    queue.put_nowait(response)
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            error = grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, None, None, "stream closed")
+            raise
+        finally:
+            if self._outbox is outbox:
+                self._outbox = None
+            # Everyone still waiting on this stream learns it broke.
+            exc = error or grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None,
+                                                f"stream to {self.address} ended")
+            for queue in list(self._pending.values()):
+                queue.put_nowait(exc)
+
+    async def _exchange(self, request: pb.ModelInferRequest, timeout: float) -> AsyncIterator[pb.ModelInferResponse]:
+        outbox = await self._ensure_stream()
+        client_id = request.id
+        wire_id = f"{next(self._ids)}"
+        request.id = wire_id
+        queue: asyncio.Queue = asyncio.Queue()
+        self._pending[wire_id] = queue
+        started = False
+        try:
+            outbox.put_nowait(request)
+            async with asyncio.timeout(timeout):
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, grpc.aio.AioRpcError):
+                        code = item.code() if item.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
+                        raise BackendError(code, f"replica {self.address}: {item.details() or 'stream broken'}",
+                                           started=started)
+                    if item.error_message:
+                        raise _error_from_stream(item, started)
+                    response = item.infer_response
+                    final = response.parameters[FINAL].bool_param if FINAL in response.parameters else True
+                    response.id = client_id
+                    started = True
+                    yield response
+                    if final:
+                        return
+        except TimeoutError:
+            raise BackendError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"replica {self.address} did not answer within the deadline",
+                               started=started) from None
+        finally:
+            self._pending.pop(wire_id, None)
+            request.id = client_id
+
+    async def call(self, request: pb.ModelInferRequest, timeout: float) -> AsyncIterator[pb.ModelInferResponse]:
+        async for response in self._exchange(request, timeout):
+            yield response
+
+    stream = call
+
+    async def close(self) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(None)
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing anyway
+                pass
+        await self.channel.close()
+
+
+def make_path(kind: str, address: str, tls: TLSConfig | None = None):
+    return StreamPath(address, tls) if kind == "stream" else UnaryPath(address, tls)

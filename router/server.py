@@ -1,0 +1,127 @@
+"""One router replica: OIP + Admin listeners, endpoint source, metrics port."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from cmesh.config import MeshConfig
+from cmesh.errors import MeshError, abort_with
+from cmesh.store import ModelStore
+from cmesh.tls import add_port
+from protos import inference_pb2_grpc as pb_grpc
+from protos import mesh_pb2_grpc
+from router.admin import AdminServicer
+from router.auth import Authenticator, Gate
+from router.core import RouterCore
+from router.endpoints import AutoscalerSource, EndpointTable, StaticSource
+from router.metering import Meter, make_meter
+from router.metrics import RouterMetrics
+from router.ratelimit import TenantLimiter
+from router.servicer import Describer, FrontDoor, RouterServicer, metadata_of
+from router.trust_io import FileAudit, MemoryAudit, TrustLayer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RouterOptions:
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = None
+    router_id: str = ""
+
+
+class AdminGate(mesh_pb2_grpc.AdminServicer):
+    """Admin RPCs only for admin keys; everything else is the AdminServicer's."""
+
+    def __init__(self, inner: AdminServicer, auth: Authenticator) -> None:
+        self.inner = inner
+        self.auth = auth
+
+    async def CostReport(self, request, context):
+        try:
+            self.auth.require_admin(self.auth.authenticate(metadata_of(context).get("authorization")))
+        except MeshError as exc:
+            await abort_with(context, exc)
+        return await self.inner.CostReport(request, context)
+
+
+class _Health:
+    def __init__(self) -> None:
+        self.ready = False
+
+
+class RouterServer:
+    def __init__(self, config: MeshConfig, options: RouterOptions, *, meter: Meter | None = None,
+                 metrics: RouterMetrics | None = None, auth: Authenticator | None = None) -> None:
+        self.config = config
+        self.options = options
+        self.metrics = metrics or RouterMetrics()
+        self.meter = meter or make_meter(config.redis_url)
+        self.auth = auth or Authenticator.from_env(config)
+        self.table = EndpointTable()
+        router_id = options.router_id or f"router-{uuid.uuid4().hex[:8]}"
+        if config.router.autoscaler:
+            self.source = AutoscalerSource(config.router.autoscaler, self.table, router_id,
+                                           tls=config.security.client_tls)
+        else:
+            self.source = StaticSource(config, self.table)
+        sink = FileAudit(config.security.audit_log) if config.security.audit_log else MemoryAudit()
+        self.audit = sink
+        self.core = RouterCore(config, self.table, self.meter, self.metrics, warm=self.source.warm,
+                               trust=TrustLayer(sink, self.metrics))
+        self.health = _Health()
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._http = None
+        self._source_task: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        limit = self.config.server.max_message_bytes
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                                ("grpc.max_send_message_length", limit),
+                                                ("grpc.so_reuseport", 0)])
+        door = FrontDoor(self.config, self.auth, Gate(self.config, TenantLimiter(self.config.tenants)))
+        describer = Describer(self.core, ModelStore(self.config.store))
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            RouterServicer(self.core, door, self.health, describer), self._server)
+        mesh_pb2_grpc.add_AdminServicer_to_server(
+            AdminGate(AdminServicer(self.meter, self.config), self.auth), self._server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
+        self.port = add_port(self._server, f"{self.options.host}:{self.options.port}",
+                             self.config.security.server_tls)
+        await self._server.start()
+        if self.options.metrics_port is not None:
+            self._http, _ = start_http_server(self.options.metrics_port, addr=self.options.host,
+                                              registry=self.metrics.registry)
+            self.metrics_port = self._http.server_port
+        self._source_task = asyncio.create_task(self.source.run(), name="endpoint-source")
+        self.health.ready = True
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("router ready on port %d (%s endpoints, %s data path)", self.port,
+                 "autoscaler" if self.config.router.autoscaler else "static", self.config.router.data_path)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.health.ready = False
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._source_task is not None:
+            self._source_task.cancel()
+        await self.core.close()
+        await self.source.close()
+        await self.meter.close()
+        if self._http is not None:
+            self._http.shutdown()
+        self._stopped.set()
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()

@@ -1,0 +1,160 @@
+"""Thin OIP servicer of the router: who is calling and with what options, then
+the core; errors map to statuses in one place (cmesh.rpc.guarded)."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from cmesh.config import MeshConfig
+from cmesh.errors import Internal, InvalidInput, MeshError, NotFound, Unavailable
+from cmesh.rpc import guarded, serve_stream, stream_error
+from cmesh.tensors import decode_parameters
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+from router.auth import Authenticator, Gate, Principal
+from router.core import P_CLASS, P_PIPELINE, P_REQUEST_ID, P_SESSION, CallContext, RouterCore
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "cmesh-router"
+EXTENSIONS = ["parameters", "binary_tensor_data", "streaming"]
+
+
+def metadata_of(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+class FrontDoor:
+    """Turns a call's metadata and parameters into an authenticated CallContext."""
+
+    def __init__(self, config: MeshConfig, auth: Authenticator, gate: Gate,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.auth = auth
+        self.gate = gate
+        self._now = clock
+
+    def principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        return self.auth.authenticate(metadata_of(context).get("authorization"))
+
+    def context(self, context: grpc.aio.ServicerContext, request: pb.ModelInferRequest,
+                principal: Principal | None = None) -> CallContext:
+        md = metadata_of(context)
+        principal = principal or self.auth.authenticate(md.get("authorization"))
+        params = {k: v for k, v in decode_parameters(request.parameters).items() if k.startswith("cmesh-")}
+        now = self._now()
+        self.gate.admit(principal, request.model_name, now, claimed_tenant=md.get("cmesh-tenant", ""))
+        remaining = context.time_remaining()
+        if remaining is None or remaining > 1e9:      # no deadline set by the caller
+            remaining = self.config.router.default_timeout_s
+        timeout_ms = params.get("cmesh-timeout-ms")
+        if timeout_ms:
+            remaining = min(remaining, float(timeout_ms) / 1000.0)
+
+        def pick(key: str) -> str:
+            value = md.get(key) or params.get(key) or ""
+            return str(value)
+
+        latency_class = pick(P_CLASS)
+        if latency_class and latency_class not in ("interactive", "batch"):
+            raise InvalidInput(P_CLASS, f"must be 'interactive' or 'batch', got {latency_class!r}")
+        return CallContext(principal=principal, pipeline=pick(P_PIPELINE), latency_class=latency_class,
+                           session=pick(P_SESSION), request_id=pick(P_REQUEST_ID), deadline=now + remaining)
+
+
+class RouterServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, core: RouterCore, door: FrontDoor, health, describe) -> None:
+        self.core = core
+        self.door = door
+        self.health = health          # .ready
+        self.describe = describe      # async (model, version) -> ModelMetadataResponse
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.health.ready)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version="0.1.0", extensions=EXTENSIONS)
+
+    @guarded
+    async def ModelReady(self, request, context):
+        self.door.principal(context)
+        # A model with no replica is still servable: the router holds the request
+        # and the autoscaler warms it. Unknown models are never ready.
+        return pb.ModelReadyResponse(ready=self.health.ready and request.name in self.core.config.models)
+
+    @guarded
+    async def ModelMetadata(self, request, context):
+        self.door.principal(context)
+        if request.name not in self.core.config.models:
+            raise NotFound(f"unknown model {request.name!r}", component=request.name)
+        return await self.describe(request.name, request.version)
+
+    @guarded
+    async def ModelInfer(self, request, context):
+        return await self.core.infer(self.door.context(context, request), request)
+
+    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        try:
+            principal = self.door.principal(context)
+        except MeshError as exc:
+            from cmesh.errors import abort_with
+
+            await abort_with(context, exc)
+            return
+
+        async def answer(request: pb.ModelInferRequest, emit) -> None:
+            try:
+                ctx = self.door.context(context, request, principal)
+                async for response in self.core.stream(ctx, request):
+                    await emit(pb.ModelStreamInferResponse(infer_response=response))
+            except MeshError as exc:
+                await emit(stream_error(request, exc))
+            except Exception as exc:  # noqa: BLE001
+                log.exception("unexpected error in routed stream request")
+                await emit(stream_error(request, Internal(f"internal error: {exc}")))
+
+        async for response in serve_stream(request_iterator, answer):
+            yield response
+
+
+class Describer:
+    """ModelMetadata through the router: asked of a ready replica; with none (scaled
+    to zero), answered from the model store's manifest when the router can read it."""
+
+    def __init__(self, core: RouterCore, store) -> None:
+        self.core = core
+        self.store = store
+
+    async def __call__(self, model: str, version: str) -> pb.ModelMetadataResponse:
+        cfg = self.core.config.models[model]
+        address = self.core.replica_address(model)
+        if address is not None:
+            path = self.core._path(address)
+            try:
+                return await path.stub.ModelMetadata(pb.ModelMetadataRequest(name=model, version=version),
+                                                     timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                log.info("metadata from %s failed (%s); using the store", address, exc.code().name)
+        variants = cfg.variant_sources()
+        variant = version or cfg.default_variant()
+        if variant not in variants:
+            raise NotFound(f"model {model!r} has no version {variant!r}", component=model)
+        try:
+            import asyncio
+
+            manifest = (await asyncio.to_thread(self.store.open, variants[variant].source)).manifest
+        except Exception as exc:  # noqa: BLE001 - store unreachable from here
+            raise Unavailable(f"no replica of {model!r} to describe it and the store is unreadable: {exc}",
+                              component=model) from None
+        resp = pb.ModelMetadataResponse(name=model, versions=sorted(variants), platform=manifest.platform)
+        for spec in manifest.inputs:
+            resp.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        for spec in manifest.outputs:
+            resp.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        return resp
