@@ -74,7 +74,7 @@ class RouterCore:
         rc = config.router
         self.breakers = BreakerRegistry(rc.breaker, clock)
         self.outliers = OutlierDetector(rc.outlier)
-        self.retry = RetryPolicy(rc.retry, RetryBudget(rc.retry.budget_ratio, rc.retry.min_retries_per_s, clock))
+        self.retry = RetryPolicy(rc.retry, RetryBudget.from_config(rc.retry, clock), rng=self._rng)
         self._paths: dict[str, object] = {}
         self._dispatchers: dict[str, ModelDispatcher] = {}
         self._pending_meters: set[asyncio.Task] = set()
@@ -155,6 +155,7 @@ class RouterCore:
     async def _attempts(self, ctx: CallContext, request: pb.ModelInferRequest, model: str, variant: str,
                         streaming: bool) -> AsyncIterator[pb.ModelInferResponse]:
         dispatcher = self._dispatcher(model)
+        self.retry.on_request(self._now())        # every request funds the retry budget
         exclude: frozenset[str] = frozenset()
         last_error: MeshError | None = None
         attempt = 0
@@ -180,7 +181,8 @@ class RouterCore:
                 self._replica_failed(model, lease, err)
                 decision = self.retry.decide(attempt=attempt + 1, code_name=err.code.name,
                                              response_started=err.started,
-                                             remaining_s=ctx.deadline - self._now(), now=self._now())
+                                             remaining_s=ctx.deadline - self._now(), now=self._now(),
+                                             reason=err.reason)
                 if not decision.retry:
                     if attempt or err.retryable:
                         self.metrics.retry_denied(model, decision.reason)

@@ -41,6 +41,7 @@ class Ticket:
     future: asyncio.Future = field(default=None)  # type: ignore[assignment]
     entry: QueueEntry | None = None
     queued_at: float = 0.0
+    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass(eq=False)
@@ -80,9 +81,8 @@ class ModelDispatcher:
     # -- callers --------------------------------------------------------------------
 
     async def acquire(self, ticket: Ticket) -> Lease:
-        loop = asyncio.get_running_loop()
         now = self._now()
-        ticket.future = loop.create_future()
+        ticket.future = asyncio.get_running_loop().create_future()
         ticket.queued_at = now
         if self._holding and len(self.queue) >= self.router.max_held_per_model:
             raise Unavailable(f"model {self.model!r} has no ready replica and {len(self.queue)} requests "
@@ -97,7 +97,9 @@ class ModelDispatcher:
             raise self._shed_error(ticket)
         self._gauge()
         self._wake.set()
-        timer = loop.call_later(max(0.0, ticket.deadline - now), self._expire, ticket)
+        # A held request waits at most hold_timeout_s for a first replica, and never
+        # past its own deadline; the timer re-arms for the deadline if not holding.
+        self._arm(ticket, min(ticket.deadline, now + self.router.hold_timeout_s))
         try:
             return await ticket.future
         except asyncio.CancelledError:
@@ -107,7 +109,11 @@ class ModelDispatcher:
             self._gauge()
             raise
         finally:
-            timer.cancel()
+            if ticket.timer is not None:
+                ticket.timer.cancel()
+
+    def _arm(self, ticket: Ticket, at: float) -> None:
+        ticket.timer = asyncio.get_running_loop().call_later(max(0.0, at - self._now()), self._expire, ticket)
 
     def snapshot(self, variant: str = "") -> list[ReplicaView]:
         now = self._now()
@@ -193,6 +199,9 @@ class ModelDispatcher:
 
     def _expire(self, ticket: Ticket) -> None:
         if ticket.future.done():
+            return
+        if not self._holding and self._now() < ticket.deadline:
+            self._arm(ticket, ticket.deadline)     # only the hold limit passed, and we are not holding
             return
         if ticket.entry is not None:
             self.queue.remove(ticket.entry)
