@@ -8,6 +8,7 @@ budget allows, then meter the request exactly once by its request id.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -15,15 +16,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import grpc
-
 from cmesh.config import MeshConfig
 from cmesh.errors import MeshError, NotFound, Unavailable
 from cmesh.tensors import decode_parameters, set_param
 from protos import inference_pb2 as pb
 from router.abtest import choose_variant
 from router.auth import Principal
-from router.breaker import BreakerRegistry
+from router.breaker import BreakerRegistry, Verdict, classify
 from router.dispatcher import Lease, ModelDispatcher, Ticket
 from router.endpoints import EndpointTable
 from router.metering import Meter, MeterEvent
@@ -43,8 +42,15 @@ P_SESSION = "cmesh-session"
 P_TIMEOUT_MS = "cmesh-timeout-ms"
 P_COLLECT = "cmesh-collect"
 P_ATTEMPTS = "cmesh-attempts"
-# Replica failures that say the component is unhealthy (breaker, outlier ejection).
-HEALTH_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
+
+
+def _count(value, kind=int):
+    """A replica-reported amount as a finite, non-negative number (0 when absent or bad)."""
+    try:
+        number = kind(value or 0)
+    except (TypeError, ValueError):
+        return kind(0)
+    return number if number >= 0 and number == number and number != float("inf") else kind(0)
 
 
 @dataclass
@@ -55,6 +61,7 @@ class CallContext:
     session: str = ""
     request_id: str = ""
     deadline: float = 0.0          # monotonic seconds
+    params: dict | None = None     # the request's parameters, once decoded
 
 
 class RouterCore:
@@ -77,7 +84,11 @@ class RouterCore:
         self.retry = RetryPolicy(rc.retry, RetryBudget.from_config(rc.retry, clock), rng=self._rng)
         self._paths: dict[str, object] = {}
         self._dispatchers: dict[str, ModelDispatcher] = {}
-        self._pending_meters: set[asyncio.Task] = set()
+        self._meter_queue: asyncio.Queue[MeterEvent] = asyncio.Queue()
+        # Request ids for calls that bring none: unique per router, cheaper than uuid4.
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self._id_counter = itertools.count(1)
+        self._meter_task: asyncio.Task | None = None
         table.subscribe(self._on_table_change)
 
     # -- calls ----------------------------------------------------------------------
@@ -98,12 +109,12 @@ class RouterCore:
         cfg = self.config.models.get(model)
         if cfg is None:
             raise NotFound(f"unknown model {model!r}", component=model, pipeline=ctx.pipeline)
-        params = decode_parameters(request.parameters)
+        params = ctx.params if ctx.params is not None else decode_parameters(request.parameters)
         ctx.latency_class = ctx.latency_class or str(params.get(P_CLASS) or cfg.latency_class)
         if ctx.latency_class not in ("interactive", "batch"):
             from cmesh.errors import InvalidInput
             raise InvalidInput(P_CLASS, f"must be 'interactive' or 'batch', got {ctx.latency_class!r}")
-        ctx.request_id = ctx.request_id or str(params.get(P_REQUEST_ID) or uuid.uuid4().hex)
+        ctx.request_id = ctx.request_id or str(params.get(P_REQUEST_ID) or "") or self._new_id()
         ctx.pipeline = ctx.pipeline or str(params.get(P_PIPELINE) or "")
         variants = cfg.variant_sources()
         variant = request.model_version or choose_variant(
@@ -123,7 +134,7 @@ class RouterCore:
             err.reason = "breaker_open"
             self._record(ctx, model, variant, err.code.name, None, started_at)
             raise err
-        verdict: bool | None = None
+        outcome: str | None = None          # the replica's status code name, for the breaker
         try:
             self.trust.apply(request, ctx, model)
             request.model_version = variant
@@ -135,11 +146,10 @@ class RouterCore:
             async for response in self._attempts(ctx, request, model, variant, streaming):
                 final = response
                 yield response
-            verdict = True
+            outcome = "OK"
         except BackendError as exc:
-            status = exc.code.name
+            status = outcome = exc.code.name
             exc.component, exc.pipeline = exc.component or component, ctx.pipeline
-            verdict = False if exc.code in HEALTH_CODES else None
             raise
         except MeshError as exc:
             status = exc.code.name
@@ -149,7 +159,7 @@ class RouterCore:
             status = "CANCELLED"
             raise
         finally:
-            self._breaker_verdict(breaker, component, verdict)
+            self._breaker_verdict(breaker, component, outcome)
             self._record(ctx, model, variant, status, final, started_at)
 
     async def _attempts(self, ctx: CallContext, request: pb.ModelInferRequest, model: str, variant: str,
@@ -168,9 +178,12 @@ class RouterCore:
             set_param(request.parameters, P_TIMEOUT_MS, max(1, int(remaining * 1000)))
             started = False
             try:
-                calls = path.stream(request, remaining) if streaming else path.call(request, remaining)
-                async for response in calls:
-                    started = True
+                if streaming:
+                    async for response in path.stream(request, remaining):
+                        started = True
+                        yield response
+                else:
+                    response = await path.call_once(request, remaining)
                     if attempt:
                         set_param(response.parameters, P_ATTEMPTS, attempt + 1)
                     yield response
@@ -197,24 +210,27 @@ class RouterCore:
 
     # -- bookkeeping ----------------------------------------------------------------
 
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._id_counter):x}"
+
     def _replica_failed(self, model: str, lease: Lease, err: BackendError) -> None:
-        if err.code not in HEALTH_CODES:
+        if classify(err.code.name) is not Verdict.FAILURE:
             return
         now = self._now()
         pool_size = sum(1 for r in self.table.replicas(model) if r.pool == lease.replica.pool)
-        if self.outliers.on_failure(lease.replica.id, now, pool_size):
+        if self.outliers.on_failure(lease.replica.id, now, pool_size, pool=f"{model}/{lease.replica.pool}"):
             self.metrics.ejected(model)
             log.warning("ejected replica %s of %s after repeated failures (%s)", lease.replica.address,
                         model, err.message)
 
-    def _breaker_verdict(self, breaker, component: str, verdict: bool | None) -> None:
+    def _breaker_verdict(self, breaker, component: str, outcome: str | None) -> None:
+        """Only what a replica answered judges the component (breaker.classify); errors
+        of the router's own (queue full, no replica yet, deadline in queue) do not."""
         now = self._now()
-        if verdict is True:
-            breaker.on_success(now)
-        elif verdict is False:
-            breaker.on_failure(now)
-        else:
+        if outcome is None:
             breaker.release(now)
+        else:
+            breaker.on_outcome(now, outcome)
         self.metrics.breaker(component, breaker.state(now))
 
     def _record(self, ctx: CallContext, model: str, variant: str, status: str,
@@ -222,26 +238,35 @@ class RouterCore:
         self.metrics.request(model, variant, ctx.latency_class or "interactive", status,
                              self._now() - started_at)
         params = decode_parameters(final.parameters) if final is not None else {}
-        event = MeterEvent(request_id=ctx.request_id or uuid.uuid4().hex, tenant=ctx.principal.tenant,
-                           pipeline=ctx.pipeline, model=model, variant=variant,
-                           latency_class=ctx.latency_class or "interactive", status=status,
-                           input_tokens=int(params.get("cmesh-input-tokens", 0) or 0),
-                           output_tokens=int(params.get("cmesh-output-tokens", 0) or 0),
-                           compute_s=float(params.get("cmesh-compute-ms", 0.0) or 0.0) / 1000.0,
-                           timestamp=self._wall())
-        task = asyncio.get_running_loop().create_task(self._meter(event))
-        self._pending_meters.add(task)
-        task.add_done_callback(self._pending_meters.discard)
-
-    async def _meter(self, event: MeterEvent) -> None:
         try:
-            await self.meter.record(event)
-        except MeshError as exc:          # metering must never fail the request it meters
-            log.error("metering failed for %s: %s", event.request_id, exc.message)
+            event = MeterEvent(request_id=ctx.request_id or self._new_id(), tenant=ctx.principal.tenant,
+                               pipeline=ctx.pipeline, model=model, variant=variant,
+                               latency_class=ctx.latency_class or "interactive", status=status,
+                               input_tokens=_count(params.get("cmesh-input-tokens")),
+                               output_tokens=_count(params.get("cmesh-output-tokens")),
+                               compute_s=_count(params.get("cmesh-compute-ms"), float) / 1000.0,
+                               timestamp=self._wall())
+        except ValueError as exc:       # a replica's bad accounting must not fail the request
+            log.error("cannot meter %s: %s", ctx.request_id, exc)
+            return
+        # One consumer records events off the hot path; the request never waits on it.
+        self._meter_queue.put_nowait(event)
+        if self._meter_task is None or self._meter_task.done():
+            self._meter_task = asyncio.get_running_loop().create_task(self._meter_loop(), name="metering")
+
+    async def _meter_loop(self) -> None:
+        while True:
+            event = await self._meter_queue.get()
+            try:
+                await self.meter.record(event)
+            except (MeshError, ValueError) as exc:   # metering must never fail what it meters
+                log.error("metering failed for %s: %s", event.request_id, exc)
+            finally:
+                self._meter_queue.task_done()
 
     async def flush_metering(self) -> None:
-        if self._pending_meters:
-            await asyncio.gather(*list(self._pending_meters), return_exceptions=True)
+        """Wait until every event so far is recorded."""
+        await self._meter_queue.join()
 
     def _dispatcher(self, model: str) -> ModelDispatcher:
         dispatcher = self._dispatchers.get(model)
@@ -267,6 +292,12 @@ class RouterCore:
             if model in self._dispatchers:
                 self._dispatchers[model].on_table_change()
 
+    def in_flight_address(self, model: str) -> str | None:
+        """The address of a replica now serving a request of the model, if any."""
+        dispatcher = self._dispatchers.get(model)
+        busy = {rid for rid, n in (dispatcher.in_flight.items() if dispatcher else ()) if n}
+        return next((r.address for r in self.table.replicas(model) if r.id in busy), None)
+
     def replica_address(self, model: str) -> str | None:
         """Any ready replica of the model (metadata calls are forwarded to it)."""
         for r in self.table.replicas(model):
@@ -276,6 +307,8 @@ class RouterCore:
 
     async def close(self) -> None:
         await self.flush_metering()
+        if self._meter_task is not None:
+            self._meter_task.cancel()
         for dispatcher in self._dispatchers.values():
             await dispatcher.close()
         for path in self._paths.values():

@@ -82,6 +82,12 @@ class ModelDispatcher:
 
     async def acquire(self, ticket: Ticket) -> Lease:
         now = self._now()
+        if not len(self.queue) and not self._holding:
+            # Fast path: nobody is waiting, so priority has nothing to decide; take a
+            # replica now if one has room (no queue entry, timer or pump wake-up).
+            lease = self._grant_now(ticket, now)
+            if lease is not None:
+                return lease
         ticket.future = asyncio.get_running_loop().create_future()
         ticket.queued_at = now
         if self._holding and len(self.queue) >= self.router.max_held_per_model:
@@ -173,14 +179,22 @@ class ModelDispatcher:
                 return                           # wait for capacity (a lease release wakes us)
             self._holding = False
             self.queue.pop()
-            replica = next(r for r in self.table.replicas(self.model) if r.id == choice.replica_id)
-            self.in_flight[replica.id] = self.in_flight.get(replica.id, 0) + 1
-            now = self._now()
-            self.metrics.dispatched(self.model, replica.pool, choice.spilled, now - ticket.queued_at,
-                                    ticket.latency_class)
-            ticket.future.set_result(Lease(replica=replica, spilled=choice.spilled,
-                                           queue_s=now - ticket.queued_at, _release=self._release))
+            ticket.future.set_result(self._lease(ticket, choice, self._now()))
         self._gauge()
+
+    def _grant_now(self, ticket: Ticket, now: float) -> Lease | None:
+        ticket.queued_at = now
+        choice = choose(self.snapshot(ticket.variant), self.config.deployment.mode,
+                        self.config.deployment.capacity_threshold, exclude=ticket.exclude)
+        return self._lease(ticket, choice, now) if choice is not None else None
+
+    def _lease(self, ticket: Ticket, choice, now: float) -> Lease:
+        replica = next(r for r in self.table.replicas(self.model) if r.id == choice.replica_id)
+        self.in_flight[replica.id] = self.in_flight.get(replica.id, 0) + 1
+        self.metrics.dispatched(self.model, replica.pool, choice.spilled, now - ticket.queued_at,
+                                ticket.latency_class)
+        return Lease(replica=replica, spilled=choice.spilled, queue_s=now - ticket.queued_at,
+                     _release=self._release)
 
     def _hold(self) -> None:
         if not self._holding:

@@ -13,6 +13,7 @@ BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry or CollectorRegistry()
+        self._children: dict = {}
         self._queue_depth = Gauge("cmesh_router_queue_depth", "Requests waiting in the router",
                                   ("model", "latency_class"), registry=r)
         self._queue_wait = Histogram("cmesh_router_queue_wait_seconds", "Router queue time before dispatch",
@@ -45,11 +46,19 @@ class RouterMetrics:
         for cls in ("interactive", "batch"):
             self._queue_depth.labels(model, cls).set(counts.get(cls, 0))
 
+    def _child(self, metric, *labels: str):
+        # labels() takes a lock and builds keys on every call; the hot path reuses children.
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def dispatched(self, model: str, pool: str, spilled: bool, queue_s: float, latency_class: str) -> None:
-        self._dispatch.labels(model, pool).inc()
-        self._queue_wait.labels(model, latency_class).observe(queue_s)
+        self._child(self._dispatch, model, pool).inc()
+        self._child(self._queue_wait, model, latency_class).observe(queue_s)
         if spilled:
-            self._spill.labels(model).inc()
+            self._child(self._spill, model).inc()
 
     def cold_start_wait(self, model: str) -> None:
         self._cold.labels(model).inc()
@@ -61,7 +70,7 @@ class RouterMetrics:
         self._shed.labels(model, latency_class).inc()
 
     def breaker(self, component: str, state: str) -> None:
-        self._breaker.labels(component).set(BREAKER_STATES.get(state, 0))
+        self._child(self._breaker, component).set(BREAKER_STATES.get(state, 0))
 
     def retry(self, model: str, code: str) -> None:
         self._retries.labels(model, code).inc()
@@ -70,7 +79,7 @@ class RouterMetrics:
         self._retry_denied.labels(model, reason).inc()
 
     def request(self, model: str, variant: str, latency_class: str, status: str, seconds: float) -> None:
-        self._latency.labels(model, variant, latency_class, status).observe(seconds)
+        self._child(self._latency, model, variant, latency_class, status).observe(seconds)
 
     def masked(self, counts: dict[str, int]) -> None:
         for kind, n in counts.items():

@@ -35,7 +35,8 @@ _COMPACT_SLACK = 64
 @dataclass(eq=False)
 class QueueEntry:
     """One waiting request. Compared by identity: the same request may be queued
-    again (put back after a failed dispatch) and must stay one entry."""
+    again (put back after a failed dispatch) and must stay one entry. Its fields
+    are heap keys: do not change them while it is queued."""
 
     latency_class: LatencyClass
     deadline: float | None          # monotonic seconds; None: no deadline (sorts last)

@@ -10,6 +10,7 @@ response had started, which decides whether a retry is allowed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 from collections.abc import AsyncIterator
@@ -76,15 +77,42 @@ def open_channel(address: str, tls: TLSConfig | None) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
+_TIMEOUT = object()
+
+
+class _Mailbox:
+    """Responses for one request on a shared stream. Lighter than an asyncio.Queue
+    on the hot path: a deque plus one future while the consumer waits."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque = collections.deque()
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(item)
+            self.waiter = None
+        else:
+            self.items.append(item)
+
+    async def get(self):
+        if self.items:
+            return self.items.popleft()
+        self.waiter = asyncio.get_running_loop().create_future()
+        return await self.waiter
+
+
 class UnaryPath:
     def __init__(self, address: str, tls: TLSConfig | None = None) -> None:
         self.address = address
         self.channel = open_channel(address, tls)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
-    async def call(self, request: pb.ModelInferRequest, timeout: float) -> AsyncIterator[pb.ModelInferResponse]:
+    async def call_once(self, request: pb.ModelInferRequest, timeout: float) -> pb.ModelInferResponse:
         try:
-            yield await self.stub.ModelInfer(request, timeout=timeout)
+            return await self.stub.ModelInfer(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise _error_from_rpc(exc, started=False) from None
 
@@ -116,7 +144,7 @@ class StreamPath:
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self._ids = itertools.count(1)
         self._outbox: asyncio.Queue | None = None
-        self._pending: dict[str, asyncio.Queue] = {}
+        self._pending: dict[str, _Mailbox] = {}
         self._reader: asyncio.Task | None = None
         self._call = None
         self._lock = asyncio.Lock()
@@ -145,9 +173,9 @@ class StreamPath:
         error: BaseException | None = None
         try:
             async for response in call:
-                queue = self._pending.get(response.infer_response.id)
-                if queue is not None:
-                    queue.put_nowait(response)
+                mailbox = self._pending.get(response.infer_response.id)
+                if mailbox is not None:
+                    mailbox.put(response)
         except grpc.aio.AioRpcError as exc:
             error = exc
         except asyncio.CancelledError:
@@ -159,48 +187,75 @@ class StreamPath:
             # Everyone still waiting on this stream learns it broke.
             exc = error or grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None,
                                                 f"stream to {self.address} ended")
-            for queue in list(self._pending.values()):
-                queue.put_nowait(exc)
+            for mailbox in list(self._pending.values()):
+                mailbox.put(exc)
 
     async def _exchange(self, request: pb.ModelInferRequest, timeout: float) -> AsyncIterator[pb.ModelInferResponse]:
         outbox = await self._ensure_stream()
         client_id = request.id
         wire_id = f"{next(self._ids)}"
         request.id = wire_id
-        queue: asyncio.Queue = asyncio.Queue()
-        self._pending[wire_id] = queue
+        mailbox = _Mailbox()
+        self._pending[wire_id] = mailbox
         started = False
+        timer = asyncio.get_running_loop().call_later(timeout, mailbox.put, _TIMEOUT)
         try:
             outbox.put_nowait(request)
-            async with asyncio.timeout(timeout):
-                while True:
-                    item = await queue.get()
-                    if isinstance(item, grpc.aio.AioRpcError):
-                        code = item.code() if item.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
-                        raise BackendError(code, f"replica {self.address}: {item.details() or 'stream broken'}",
-                                           started=started)
-                    if item.error_message:
-                        raise _error_from_stream(item, started)
-                    response = item.infer_response
-                    final = response.parameters[FINAL].bool_param if FINAL in response.parameters else True
-                    response.id = client_id
-                    started = True
-                    yield response
-                    if final:
-                        return
+            while True:
+                item = await mailbox.get()
+                if item is _TIMEOUT:
+                    raise TimeoutError
+                if isinstance(item, grpc.aio.AioRpcError):
+                    raise self._broken(item, started)
+                if item.error_message:
+                    raise _error_from_stream(item, started)
+                response = item.infer_response
+                final = response.parameters[FINAL].bool_param if FINAL in response.parameters else True
+                response.id = client_id
+                started = True
+                yield response
+                if final:
+                    return
         except TimeoutError:
             raise BackendError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"replica {self.address} did not answer within the deadline",
                                started=started) from None
         finally:
+            timer.cancel()
             self._pending.pop(wire_id, None)
             request.id = client_id
 
-    async def call(self, request: pb.ModelInferRequest, timeout: float) -> AsyncIterator[pb.ModelInferResponse]:
-        async for response in self._exchange(request, timeout):
-            yield response
+    async def call_once(self, request: pb.ModelInferRequest, timeout: float) -> pb.ModelInferResponse:
+        """One whole answer (the request carries cmesh-collect); a plain coroutine,
+        because unary calls are the hot path and generators cost a hop each."""
+        outbox = await self._ensure_stream()
+        client_id, wire_id = request.id, f"{next(self._ids)}"
+        request.id = wire_id
+        mailbox = _Mailbox()
+        self._pending[wire_id] = mailbox
+        timer = asyncio.get_running_loop().call_later(timeout, mailbox.put, _TIMEOUT)
+        try:
+            outbox.put_nowait(request)
+            item = await mailbox.get()
+        finally:
+            timer.cancel()
+            self._pending.pop(wire_id, None)
+            request.id = client_id
+        if item is _TIMEOUT:
+            raise BackendError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"replica {self.address} did not answer within the deadline")
+        if isinstance(item, grpc.aio.AioRpcError):
+            raise self._broken(item, started=False)
+        if item.error_message:
+            raise _error_from_stream(item, started=False)
+        item.infer_response.id = client_id
+        return item.infer_response
 
-    stream = call
+    def _broken(self, err: grpc.aio.AioRpcError, started: bool) -> BackendError:
+        code = err.code() if err.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
+        return BackendError(code, f"replica {self.address}: {err.details() or 'stream broken'}", started=started)
+
+    stream = _exchange
 
     async def close(self) -> None:
         if self._outbox is not None:

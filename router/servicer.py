@@ -44,7 +44,7 @@ class FrontDoor:
                 principal: Principal | None = None) -> CallContext:
         md = metadata_of(context)
         principal = principal or self.auth.authenticate(md.get("authorization"))
-        params = {k: v for k, v in decode_parameters(request.parameters).items() if k.startswith("cmesh-")}
+        params = decode_parameters(request.parameters)
         now = self._now()
         self.gate.admit(principal, request.model_name, now, claimed_tenant=md.get("cmesh-tenant", ""))
         remaining = context.time_remaining()
@@ -62,7 +62,8 @@ class FrontDoor:
         if latency_class and latency_class not in ("interactive", "batch"):
             raise InvalidInput(P_CLASS, f"must be 'interactive' or 'batch', got {latency_class!r}")
         return CallContext(principal=principal, pipeline=pick(P_PIPELINE), latency_class=latency_class,
-                           session=pick(P_SESSION), request_id=pick(P_REQUEST_ID), deadline=now + remaining)
+                           session=pick(P_SESSION), request_id=pick(P_REQUEST_ID), deadline=now + remaining,
+                           params=params)
 
 
 class RouterServicer(pb_grpc.GRPCInferenceServiceServicer):

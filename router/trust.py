@@ -64,7 +64,7 @@ _CARD = re.compile(
 _PHONE_INTL = re.compile(
     r"(?<![\w.\-/+])(?:\+|\b00 ?)[1-9]\d{0,2}"          # + or 00, country code
     r"(?: ?\(\d{1,4}\))?"                               # (0) or (20)
-    r"(?:\d{6,13}|" + _SEP + r"?\d{1,5}(?:" + _SEP + r"\d{1,5}){1,5})" + _R)
+    r"(?:\d{6,13}|" + _SEP + r"?\d{1,8}(?:" + _SEP + r"\d{1,8}){1,5})" + _R)
 
 _PHONE_NANP = re.compile(
     _L + r"(?:1" + _SEP + r")?(?:\(\d{3}\)" + _SEP + r"?|\d{3}" + _SEP + r")\d{3}" + _SEP + r"\d{4}" + _R)
