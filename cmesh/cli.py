@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,13 +72,14 @@ def _cmd_infer(args: argparse.Namespace) -> int:
                       f"{' ...' if array.size > 8 else ''}")
 
     async def run() -> int:
-        client = AsyncClient(args.address)
+        key = args.api_key or os.environ.get("CMESH_API_KEY")
+        client = AsyncClient(args.address, metadata=[("authorization", f"Bearer {key}")] if key else None)
         try:
             if args.input is None:     # the model's first input, from its metadata
                 from protos import inference_pb2 as pb
 
                 meta = await client.stub.ModelMetadata(pb.ModelMetadataRequest(name=args.model),
-                                                       timeout=args.timeout)
+                                                       timeout=args.timeout, metadata=client.metadata)
                 args.input = meta.inputs[0].name
             if args.stream:
                 request = build_request(args.model, {args.input: texts}, parameters=params)
@@ -206,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--stream", action="store_true", help="stream tokens over ModelStreamInfer")
     infer.add_argument("--max-tokens", type=int, default=None)
     infer.add_argument("--timeout", type=float, default=60.0)
+    infer.add_argument("--api-key", default=None, help="tenant API key (default: $CMESH_API_KEY)")
     infer.set_defaults(func=_cmd_infer)
 
     cost = sub.add_parser("cost", help="the cost report by pipeline, tenant, model or variant",

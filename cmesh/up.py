@@ -1,8 +1,9 @@
 """``make up``: run the mesh on this machine until Ctrl-C.
 
-Today the mesh is the model server hosting every demo model; the router and the
-autoscaler join here as they land. Children run in their own process group and
-are stopped (SIGTERM, then SIGKILL after the grace period) on exit.
+Today: one model server hosting every demo model, and the router in front of it
+with static endpoints (the autoscaler of the next milestone will publish them
+instead). Children run in their own process groups and are stopped (SIGTERM,
+then SIGKILL after the grace period) on exit.
 """
 from __future__ import annotations
 
@@ -13,50 +14,107 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import yaml
 
 from cmesh.config import load_config
+
+
+def _start(args: list[str]) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen([sys.executable, *args, "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("{") and json.loads(line).get("event") == "ready":
+            return proc, json.loads(line)
+    raise RuntimeError(f"{args[1]} exited during start-up (see the log above)")
+
+
+def _stop(procs: list[subprocess.Popen], grace: float) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _demo_keys(config) -> dict[str, str]:
+    """API keys for the demo tenants (and an admin key) where the environment sets
+    none, so the secured demo config works out of the box; real deployments set them."""
+    envs = [t.api_keys_env for t in config.tenants.values()]
+    if config.security.admin_keys_env:
+        envs.append(config.security.admin_keys_env)
+    keys = {}
+    for env in envs:
+        if not os.environ.get(env):
+            os.environ[env] = f"{env.lower().replace('_', '-')}-demo"
+        keys[env] = os.environ[env].split(",")[0]
+    return keys
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cmesh.up", description="Run the mesh locally until Ctrl-C.")
     p.add_argument("--config", default="compose/mesh.yaml")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8001, help="model server gRPC port")
-    p.add_argument("--metrics-port", type=int, default=9101)
+    p.add_argument("--port", type=int, default=8000, help="router gRPC port (the front door)")
+    p.add_argument("--model-port", type=int, default=8001, help="model server gRPC port")
     args = p.parse_args(argv)
     config = load_config(args.config)
     models = sorted(config.models)
-    print(f"starting the model server with {', '.join(models)} (loading takes a few seconds)", flush=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "model_server", "--config", args.config, "--models", ",".join(models),
-         "--host", args.host, "--port", str(args.port), "--metrics-port", str(args.metrics_port),
-         "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    procs: list[subprocess.Popen] = []
+
+    def terminate(signum, frame):           # SIGTERM runs the same clean-up as Ctrl-C
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
-        for line in proc.stdout:
-            if line.startswith("{") and json.loads(line).get("event") == "ready":
-                ready = json.loads(line)
-                break
-        else:
-            print("error: the model server exited during start-up (see the log above)", file=sys.stderr)
-            return 1
-        print(f"\nmodel server  grpc  {args.host}:{ready['port']}   (Open Inference Protocol; tritonclient works)")
-        print(f"metrics       http  http://{args.host}:{ready['metrics_port']}/metrics")
-        print(f"cold start    {ready['cold_start_s']:.1f}s; model load times: {json.dumps(ready['models'])}")
-        print("\ntry:\n  .venv/bin/cmesh infer embedder --text 'How do I reset my password?' "
-              f"--address {args.host}:{ready['port']}")
-        print(f"  .venv/bin/cmesh infer dialogue-llm --text 'Hello' --stream --address {args.host}:{ready['port']}")
+        print(f"starting the model server with {', '.join(models)} (loading takes a few seconds)", flush=True)
+        server, ready = _start(["-m", "model_server", "--config", args.config, "--models", ",".join(models),
+                                "--host", args.host, "--port", str(args.model_port), "--metrics-port", "9101"])
+        procs.append(server)
+        backend = f"{args.host}:{ready['port']}"
+        data = yaml.safe_load(Path(args.config).read_text())
+        for spec in data["models"].values():
+            spec["endpoints"] = [backend]
+        derived = Path(".cmesh/up-mesh.yaml")
+        derived.parent.mkdir(parents=True, exist_ok=True)
+        derived.write_text(yaml.safe_dump(data, sort_keys=False))
+        redis = ["--redis", os.environ["REDIS_URL"]] if os.environ.get("REDIS_URL") else []
+        keys = _demo_keys(config)
+        router, rready = _start(["-m", "router", "--config", str(derived), "--host", args.host,
+                                 "--port", str(args.port), "--metrics-port", "9100", *redis])
+        procs.append(router)
+        front = f"{args.host}:{rready['port']}"
+        print(f"\nrouter        grpc  {front}   (Open Inference Protocol; tritonclient works; metering: "
+              f"{rready['metering']})")
+        print(f"model server  grpc  {backend}   cold start {ready['cold_start_s']:.1f}s, load times "
+              f"{json.dumps(ready['models'])}")
+        print(f"metrics       http  http://{args.host}:9100/metrics (router), "
+              f"http://{args.host}:9101/metrics (model server)")
+        for env, value in keys.items():
+            print(f"demo key      {env}={value}")
+        tenant_key = next((v for k, v in keys.items() if k != config.security.admin_keys_env), "")
+        auth = f" --api-key {tenant_key}" if tenant_key else ""
+        admin = keys.get(config.security.admin_keys_env or "", "")
+        print(f"\ntry:\n  .venv/bin/cmesh infer embedder --text 'How do I reset my password?' --address {front}{auth}")
+        print(f"  .venv/bin/cmesh infer dialogue-llm --text 'Customer: hello\\nAgent:' --stream --address {front}{auth}")
+        print(f"  .venv/bin/cmesh cost --by model --router {front}" + (f" --admin-key {admin}" if admin else ""))
         print("\nCtrl-C stops everything.", flush=True)
-        return proc.wait()
+        while all(proc.poll() is None for proc in procs):
+            time.sleep(0.5)
+        print("a mesh process exited; stopping the rest", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + config.server.drain_grace_s + config.server.drain_delay_s + 5
-            while proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+        _stop(list(reversed(procs)), config.server.drain_grace_s + config.server.drain_delay_s + 5)
         print("mesh stopped", flush=True)
 
 

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvloop
 
+    from cmesh.errors import MeshError
     from cmesh.validation import ConfigError
 
     try:
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (MeshError, OSError, ValueError) as exc:     # a model that cannot load, a port in use
+        print(f"error: cannot start the model server: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

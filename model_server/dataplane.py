@@ -5,13 +5,14 @@ decides anything lives here or below.
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from cmesh.errors import InvalidInput, MeshError
+from cmesh.errors import DeadlineExceeded, InvalidInput, MeshError
 from model_server.engines.base import InferItem
 from model_server.repository import ModelRepository, Variant
 from model_server.runner import Completion
@@ -23,6 +24,22 @@ P_BATCH_SIZE = "cmesh-batch-size"
 P_INPUT_TOKENS = "cmesh-input-tokens"
 P_OUTPUT_TOKENS = "cmesh-output-tokens"
 P_FINAL = "triton_final_response"     # Triton's marker of a stream's last response
+P_TIMEOUT_MS = "cmesh-timeout-ms"     # the caller's remaining deadline, for calls on a shared stream
+
+
+def _remaining_s(parameters: dict[str, Any]) -> float | None:
+    """The deadline a router propagated as remaining time (gRPC's own deadline only
+    covers a whole stream, not one request multiplexed onto it)."""
+    value = parameters.get(P_TIMEOUT_MS)
+    if value is None:
+        return None
+    try:
+        ms = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(P_TIMEOUT_MS, f"must be a number of milliseconds, got {value!r}") from None
+    if not ms > 0:
+        raise InvalidInput(P_TIMEOUT_MS, f"must be > 0, got {value!r}")
+    return ms / 1000.0
 
 
 @dataclass
@@ -62,7 +79,16 @@ class DataPlane:
         metrics = variant.metrics
         try:
             item = self._prepare(variant, request)
-            completion = await variant.runner.infer(item)
+            timeout = _remaining_s(request.parameters)
+            if timeout is None:
+                completion = await variant.runner.infer(item)
+            else:
+                try:
+                    async with asyncio.timeout(timeout):
+                        completion = await variant.runner.infer(item)
+                except TimeoutError:
+                    raise DeadlineExceeded(f"deadline passed before {variant.model!r} answered",
+                                           component=variant.model) from None
             if completion.result.error is not None:
                 raise completion.result.error
         except MeshError as exc:

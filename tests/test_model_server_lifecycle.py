@@ -116,3 +116,19 @@ def test_unknown_model_on_the_command_line_is_a_clear_error(tmp_path) -> None:
     helped = subprocess.run([sys.executable, "-m", "model_server", "--help"], capture_output=True, text=True,
                             timeout=60)
     assert helped.returncode == 0 and "--models" in helped.stdout and "--metrics-port" in helped.stdout
+
+
+async def test_a_propagated_deadline_bounds_the_wait_inside_the_model_server(tmp_path) -> None:
+    from cmesh.errors import component_error_of
+
+    source = sleep_model(tmp_path, sleep_ms=300, max_batch_size=1, max_queue_delay_ms=0)
+    config = mesh_config(tmp_path, {"slow": {"source": source}})
+    async with running_server(config, ["slow"]) as server:
+        client = AsyncClient(f"127.0.0.1:{server.port}")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.infer("slow", x(1.0), parameters={"cmesh-timeout-ms": 50}, timeout=10)
+        assert component_error_of(info.value).code == grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.infer("slow", x(1.0), parameters={"cmesh-timeout-ms": "soon"}, timeout=10)
+        assert info.value.details().startswith("cmesh-timeout-ms:")
+        await client.close()

@@ -234,3 +234,32 @@ async def test_held_request_with_a_router_side_timeout_gets_unavailable(tmp_path
     err = component_error_of(info.value)
     assert err.code == grpc.StatusCode.UNAVAILABLE
     assert err.detail.component == "m" and err.detail.reason == "no_replica" and err.detail.retryable
+
+
+async def test_a_full_queue_sheds_batch_before_interactive_with_retry_after(tmp_path) -> None:
+    from cmesh.errors import component_error_of
+
+    source = sleep_model(tmp_path, sleep_ms=50, max_batch_size=1, max_queue_delay_ms=0)
+    async with running_server(mesh_config(tmp_path, {"slow": {"source": source}}), ["slow"]) as backend:
+        cfg = mesh_config(tmp_path, {"slow": {"source": source, "endpoints": [f"127.0.0.1:{backend.port}"],
+                                              "deployment": {"max_inflight_per_replica": 1}}},
+                          router={"max_queue_per_model": 4})
+        async with running_router(cfg) as router:
+            def client(kind: str) -> AsyncClient:
+                return AsyncClient(f"127.0.0.1:{router.port}", metadata=[("cmesh-latency-class", kind)])
+
+            batch_client, interactive_client = client("batch"), client("interactive")
+            batch = [asyncio.create_task(batch_client.infer("slow", x(i))) for i in range(5)]   # 1 runs, 4 queue
+            while router.metrics.value("cmesh_router_queue_depth", model="slow", latency_class="batch") < 4:
+                await asyncio.sleep(0.005)
+            interactive = [asyncio.create_task(interactive_client.infer("slow", x(i))) for i in range(3)]
+            results = await asyncio.gather(*batch, *interactive, return_exceptions=True)
+            await batch_client.close()
+            await interactive_client.close()
+            assert router.metrics.value("cmesh_router_shed_total", model="slow", latency_class="batch") == 3
+    assert all(not isinstance(r, Exception) for r in results[5:])          # every interactive request served
+    shed = [r for r in results[:5] if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(shed) == 3
+    for err in shed:
+        detail = component_error_of(err)
+        assert detail.code == grpc.StatusCode.RESOURCE_EXHAUSTED and detail.detail.retry_after_ms > 0
