@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
 
 from cmesh.config import MeshConfig
+from cmesh.serving import grpc_server, start_metrics
 from cmesh.proc import process_age
 from cmesh.store import ModelStore
 from cmesh.tls import add_port
@@ -67,12 +67,7 @@ class ModelServer:
         self._draining = False
 
     async def start(self) -> None:
-        limit = self.config.server.max_message_bytes
-        self._server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
-        ])
+        self._server = grpc_server(self.config)
         health_servicer = health.aio.HealthServicer()
         self.health = Health(health_servicer, self.metrics)
         await self.health.set(False)
@@ -82,10 +77,8 @@ class ModelServer:
         self.port = add_port(self._server, f"{self.options.host}:{self.options.port}",
                              self.config.security.server_tls)
         await self._server.start()
-        if self.options.metrics_port is not None:
-            self._http, _ = start_http_server(self.options.metrics_port, addr=self.options.host,
-                                              registry=self.metrics.registry)
-            self.metrics_port = self._http.server_port
+        self._http, self.metrics_port = start_metrics(self.options.metrics_port, self.options.host,
+                                                      self.metrics.registry)
         for spec in self.options.models:
             name, _, variant = spec.partition(":")
             await self.repository.load(name, [variant] if variant else None)

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from cmesh.config import MeshConfig
-from cmesh.errors import MeshError, NotFound, Unavailable
+from cmesh.errors import Internal, InvalidInput, MeshError, NotFound, Unavailable
 from cmesh.tensors import decode_parameters, set_param
 from protos import inference_pb2 as pb
 from router.abtest import choose_variant
@@ -42,6 +42,9 @@ P_SESSION = "cmesh-session"
 P_TIMEOUT_MS = "cmesh-timeout-ms"
 P_COLLECT = "cmesh-collect"
 P_ATTEMPTS = "cmesh-attempts"
+# A replica timing out this close to the caller's deadline ran out of the caller's
+# time, not its own: it is not held against the replica or the component.
+DEADLINE_SLACK_S = 0.005
 
 
 def _count(value, kind=int):
@@ -112,7 +115,6 @@ class RouterCore:
         params = ctx.params if ctx.params is not None else decode_parameters(request.parameters)
         ctx.latency_class = ctx.latency_class or str(params.get(P_CLASS) or cfg.latency_class)
         if ctx.latency_class not in ("interactive", "batch"):
-            from cmesh.errors import InvalidInput
             raise InvalidInput(P_CLASS, f"must be 'interactive' or 'batch', got {ctx.latency_class!r}")
         ctx.request_id = ctx.request_id or str(params.get(P_REQUEST_ID) or "") or self._new_id()
         ctx.pipeline = ctx.pipeline or str(params.get(P_PIPELINE) or "")
@@ -148,7 +150,9 @@ class RouterCore:
                 yield response
             outcome = "OK"
         except BackendError as exc:
-            status = outcome = exc.code.name
+            status = exc.code.name
+            # The caller's own deadline running out says nothing about the component.
+            outcome = None if exc.caller_deadline else status
             exc.component, exc.pipeline = exc.component or component, ctx.pipeline
             raise
         except MeshError as exc:
@@ -157,6 +161,9 @@ class RouterCore:
             raise
         except (asyncio.CancelledError, GeneratorExit):
             status = "CANCELLED"
+            raise
+        except Exception:
+            status = Internal.code.name      # a bug of ours: metered as what the caller sees
             raise
         finally:
             self._breaker_verdict(breaker, component, outcome)
@@ -191,7 +198,10 @@ class RouterCore:
                 return
             except BackendError as err:
                 err.started = err.started or started
-                self._replica_failed(model, lease, err)
+                err.caller_deadline = (err.code.name == "DEADLINE_EXCEEDED"
+                                       and self._now() >= ctx.deadline - DEADLINE_SLACK_S)
+                if not err.caller_deadline:
+                    self._replica_failed(model, lease, err)
                 decision = self.retry.decide(attempt=attempt + 1, code_name=err.code.name,
                                              response_started=err.started,
                                              remaining_s=ctx.deadline - self._now(), now=self._now(),

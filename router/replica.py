@@ -45,6 +45,7 @@ class BackendError(MeshError):
         self.retryable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED) \
             if retryable is None else retryable
         self.started = started
+        self.caller_deadline = False     # set by the router when the caller's time ran out
 
 
 def _error_from_stream(response: pb.ModelStreamInferResponse, started: bool) -> BackendError:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
 
 from cmesh.config import MeshConfig
+from cmesh.serving import grpc_server, start_metrics
 from cmesh.errors import MeshError, abort_with
 from cmesh.store import ModelStore
 from cmesh.tls import add_port
@@ -85,10 +85,7 @@ class RouterServer:
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        limit = self.config.server.max_message_bytes
-        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                                ("grpc.max_send_message_length", limit),
-                                                ("grpc.so_reuseport", 0)])
+        self._server = grpc_server(self.config)
         door = FrontDoor(self.config, self.auth, Gate(self.config, TenantLimiter(self.config.tenants)))
         describer = Describer(self.core, ModelStore(self.config.store))
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -100,10 +97,8 @@ class RouterServer:
         self.port = add_port(self._server, f"{self.options.host}:{self.options.port}",
                              self.config.security.server_tls)
         await self._server.start()
-        if self.options.metrics_port is not None:
-            self._http, _ = start_http_server(self.options.metrics_port, addr=self.options.host,
-                                              registry=self.metrics.registry)
-            self.metrics_port = self._http.server_port
+        self._http, self.metrics_port = start_metrics(self.options.metrics_port, self.options.host,
+                                                      self.metrics.registry)
         self._source_task = asyncio.create_task(self.source.run(), name="endpoint-source")
         self.health.ready = True
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
