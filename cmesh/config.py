@@ -272,11 +272,54 @@ class RouterConfig(Strict):
     retry: RetryConfig = Field(default_factory=RetryConfig)
 
 
+class DeviceConfig(Strict):
+    """A place replicas are packed onto (for this machine: CPU slots with memory)."""
+
+    name: str = Field(pattern=NAME_RE)
+    kind: Literal["cpu", "cuda"] = "cpu"
+    memory_mb: int = Field(ge=1)
+    max_replicas: int | None = Field(None, ge=1, description="replica slots on it; None: memory decides")
+
+
+class KubernetesConfig(Strict):
+    namespace: str = "cmesh"
+    image: str = "cmesh:latest"
+    deployment_prefix: str = "cmesh-model-"
+    port: int = Field(8001, ge=1, le=65535)
+
+
+class AutoscalerConfig(Strict):
+    """The control loop and its policy windows (Knative-style)."""
+
+    provider: Literal["local", "kubernetes"] = "local"
+    listen: str = Field("127.0.0.1:8500", description="host:port of the Autoscaler gRPC service")
+    tick_s: float = Field(1.0, gt=0, description="how often decisions are made")
+    stable_window_s: float = Field(60.0, gt=0, description="averaging window for normal scaling")
+    panic_window_s: float = Field(6.0, gt=0, description="short window that reacts to bursts")
+    panic_threshold: float = Field(2.0, gt=1, description="panic when the short window wants this x current")
+    max_scale_up_rate: float = Field(10.0, gt=1, description="at most this x current replicas per decision")
+    scale_down_delay_s: float = Field(0.0, ge=0, description="keep the max of decisions over this long")
+    stale_after_s: float = Field(5.0, gt=0, description="no decision when the newest metrics are older")
+    schedule_lead_s: float = Field(120.0, ge=0, description="raise scheduled minimums this early")
+    drain_grace_s: float = Field(20.0, ge=0, description="scale-down: in-flight work may take this long")
+    ready_timeout_s: float = Field(180.0, gt=0, description="a replica not ready by then is replaced")
+    lease_ttl_s: float = Field(5.0, gt=0, description="leader lease in Redis; a standby takes over after it")
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+
+    @model_validator(mode="after")
+    def _windows(self) -> "AutoscalerConfig":
+        if self.panic_window_s > self.stable_window_s:
+            raise ValueError("panic_window_s: must not exceed stable_window_s")
+        return self
+
+
 class MeshConfig(Strict):
     store: str = Field("./.cmesh/store", description="model store root: path, file://, s3://")
     redis_url: str | None = None
     server: ServerConfig = Field(default_factory=ServerConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    autoscaler: AutoscalerConfig = Field(default_factory=AutoscalerConfig)
+    devices: list[DeviceConfig] = Field(default_factory=lambda: [DeviceConfig(name="cpu0", memory_mb=8192)])
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)

@@ -1,9 +1,10 @@
 """``make up``: run the mesh on this machine until Ctrl-C.
 
-Today: one model server hosting every demo model, and the router in front of it
-with static endpoints (the autoscaler of the next milestone will publish them
-instead). Children run in their own process groups and are stopped (SIGTERM,
-then SIGKILL after the grace period) on exit.
+The autoscaler (whose local provider starts and stops model-server replicas on
+demand) and the router in front, following the autoscaler's endpoint stream.
+Children run in their own process groups; on exit the router stops first, then
+the autoscaler drains and stops every replica (SIGTERM, then SIGKILL after the
+grace period), so nothing is left running.
 """
 from __future__ import annotations
 
@@ -14,9 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-import yaml
 
 from cmesh.config import load_config
 
@@ -61,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="compose/mesh.yaml")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="router gRPC port (the front door)")
-    p.add_argument("--model-port", type=int, default=8001, help="model server gRPC port")
+    p.add_argument("--autoscaler-port", type=int, default=8500, help="autoscaler gRPC port")
     args = p.parse_args(argv)
     config = load_config(args.config)
     models = sorted(config.models)
@@ -72,35 +70,31 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     try:
-        print(f"starting the model server with {', '.join(models)} (loading takes a few seconds)", flush=True)
-        server, ready = _start(["-m", "model_server", "--config", args.config, "--models", ",".join(models),
-                                "--host", args.host, "--port", str(args.model_port), "--metrics-port", "9101"])
-        procs.append(server)
-        backend = f"{args.host}:{ready['port']}"
-        data = yaml.safe_load(Path(args.config).read_text())
-        for spec in data["models"].values():
-            spec["endpoints"] = [backend]
-        derived = Path(".cmesh/up-mesh.yaml")
-        derived.parent.mkdir(parents=True, exist_ok=True)
-        derived.write_text(yaml.safe_dump(data, sort_keys=False))
+        print("starting the autoscaler (model servers start on demand; min replicas now)", flush=True)
+        scaler, sready = _start(["-m", "autoscaler", "--config", args.config, "--listen",
+                                 f"{args.host}:{args.autoscaler_port}", "--metrics-port", "9102"])
+        procs.append(scaler)
+        autoscaler = f"{args.host}:{sready['port']}"
         redis = ["--redis", os.environ["REDIS_URL"]] if os.environ.get("REDIS_URL") else []
         keys = _demo_keys(config)
-        router, rready = _start(["-m", "router", "--config", str(derived), "--host", args.host,
-                                 "--port", str(args.port), "--metrics-port", "9100", *redis])
+        router, rready = _start(["-m", "router", "--config", args.config, "--host", args.host,
+                                 "--port", str(args.port), "--metrics-port", "9100", "--autoscaler", autoscaler,
+                                 *redis])
         procs.append(router)
         front = f"{args.host}:{rready['port']}"
         print(f"\nrouter        grpc  {front}   (Open Inference Protocol; tritonclient works; metering: "
               f"{rready['metering']})")
-        print(f"model server  grpc  {backend}   cold start {ready['cold_start_s']:.1f}s, load times "
-              f"{json.dumps(ready['models'])}")
+        print(f"autoscaler    grpc  {autoscaler}   (provider {sready['provider']}; leader election "
+              f"{sready['leader_election']})")
         print(f"metrics       http  http://{args.host}:9100/metrics (router), "
-              f"http://{args.host}:9101/metrics (model server)")
+              f"http://{args.host}:9102/metrics (autoscaler)")
         for env, value in keys.items():
             print(f"demo key      {env}={value}")
         tenant_key = next((v for k, v in keys.items() if k != config.security.admin_keys_env), "")
         auth = f" --api-key {tenant_key}" if tenant_key else ""
         admin = keys.get(config.security.admin_keys_env or "", "")
-        print(f"\ntry:\n  .venv/bin/cmesh infer embedder --text 'How do I reset my password?' --address {front}{auth}")
+        print(f"\ntry:\n  .venv/bin/cmesh status --autoscaler {autoscaler}")
+        print(f"  .venv/bin/cmesh infer embedder --text 'How do I reset my password?' --address {front}{auth}")
         print(f"  .venv/bin/cmesh infer dialogue-llm --text 'Customer: hello\\nAgent:' --stream --address {front}{auth}")
         print(f"  .venv/bin/cmesh cost --by model --router {front}" + (f" --admin-key {admin}" if admin else ""))
         print("\nCtrl-C stops everything.", flush=True)

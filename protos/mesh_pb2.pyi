@@ -156,3 +156,77 @@ class CostReportResponse(_message.Message):
     total_cost: float
     total_compute_s: float
     def __init__(self, group_by: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[CostRow, _Mapping]]] = ..., total_cost: _Optional[float] = ..., total_compute_s: _Optional[float] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("id", "address", "pool", "state", "device", "cold_start_s", "age_s")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    COLD_START_S_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    address: str
+    pool: str
+    state: str
+    device: str
+    cold_start_s: float
+    age_s: float
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., pool: _Optional[str] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., cold_start_s: _Optional[float] = ..., age_s: _Optional[float] = ...) -> None: ...
+
+class ModelStatus(_message.Message):
+    __slots__ = ("model", "mode", "desired_dedicated", "desired_serverless", "replicas", "queue_depth", "in_flight", "held", "panic", "last_decision", "last_cold_start_s")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_DEDICATED_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_SERVERLESS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    PANIC_FIELD_NUMBER: _ClassVar[int]
+    LAST_DECISION_FIELD_NUMBER: _ClassVar[int]
+    LAST_COLD_START_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    mode: str
+    desired_dedicated: int
+    desired_serverless: int
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    queue_depth: int
+    in_flight: int
+    held: int
+    panic: bool
+    last_decision: str
+    last_cold_start_s: float
+    def __init__(self, model: _Optional[str] = ..., mode: _Optional[str] = ..., desired_dedicated: _Optional[int] = ..., desired_serverless: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., held: _Optional[int] = ..., panic: _Optional[bool] = ..., last_decision: _Optional[str] = ..., last_cold_start_s: _Optional[float] = ...) -> None: ...
+
+class DeviceStatus(_message.Message):
+    __slots__ = ("name", "kind", "memory_mb", "used_mb", "replicas")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
+    USED_MB_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    memory_mb: int
+    used_mb: int
+    replicas: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., memory_mb: _Optional[int] = ..., used_mb: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("leader", "endpoint_version", "models", "devices")
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    leader: bool
+    endpoint_version: int
+    models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceStatus]
+    def __init__(self, leader: _Optional[bool] = ..., endpoint_version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ...) -> None: ...

@@ -53,6 +53,11 @@ class AutoscalerStub:
                 request_serializer=protos_dot_mesh__pb2.WarmRequest.SerializeToString,
                 response_deserializer=protos_dot_mesh__pb2.WarmResponse.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/cmesh.v1.Autoscaler/Status',
+                request_serializer=protos_dot_mesh__pb2.StatusRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.StatusResponse.FromString,
+                _registered_method=True)
 
 
 class AutoscalerServicer:
@@ -80,6 +85,12 @@ class AutoscalerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AutoscalerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +108,11 @@ def add_AutoscalerServicer_to_server(servicer, server):
                     servicer.Warm,
                     request_deserializer=protos_dot_mesh__pb2.WarmRequest.FromString,
                     response_serializer=protos_dot_mesh__pb2.WarmResponse.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=protos_dot_mesh__pb2.StatusRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +200,33 @@ class Autoscaler:
             '/cmesh.v1.Autoscaler/Warm',
             protos_dot_mesh__pb2.WarmRequest.SerializeToString,
             protos_dot_mesh__pb2.WarmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cmesh.v1.Autoscaler/Status',
+            protos_dot_mesh__pb2.StatusRequest.SerializeToString,
+            protos_dot_mesh__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import Counter
 import logging
 import random
 import time
@@ -87,6 +88,7 @@ class RouterCore:
         self.retry = RetryPolicy(rc.retry, RetryBudget.from_config(rc.retry, clock), rng=self._rng)
         self._paths: dict[str, object] = {}
         self._dispatchers: dict[str, ModelDispatcher] = {}
+        self._arrivals: Counter = Counter()          # per model, since the last load report
         self._meter_queue: asyncio.Queue[MeterEvent] = asyncio.Queue()
         # Request ids for calls that bring none: unique per router, cheaper than uuid4.
         self._id_prefix = uuid.uuid4().hex[:12]
@@ -125,6 +127,7 @@ class RouterCore:
             raise NotFound(f"model {model!r} has no variant {variant!r}; variants: {sorted(variants)}",
                            component=model, pipeline=ctx.pipeline)
         component = f"{model}:{variant}"
+        self._arrivals[model] += 1
         started_at = self._now()
         status, final = "OK", None
         breaker = self.breakers.get(component)
@@ -296,11 +299,21 @@ class RouterCore:
     def _on_table_change(self, changed: set[str]) -> None:
         live = self.table.addresses()
         for address in [a for a in self._paths if a not in live]:
+            # A replica left the table (draining): finish what is in flight on it, then close.
             path = self._paths.pop(address)
-            asyncio.get_running_loop().create_task(path.close())
+            asyncio.get_running_loop().create_task(path.close(graceful=True))
         for model in changed:
             if model in self._dispatchers:
                 self._dispatchers[model].on_table_change()
+
+    @property
+    def dispatchers(self) -> dict[str, ModelDispatcher]:
+        return self._dispatchers
+
+    def take_arrivals(self) -> Counter:
+        """Arrivals per model since the previous call (for load reports)."""
+        arrivals, self._arrivals = self._arrivals, Counter()
+        return arrivals
 
     def in_flight_address(self, model: str) -> str | None:
         """The address of a replica now serving a request of the model, if any."""

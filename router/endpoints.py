@@ -49,8 +49,10 @@ class EndpointTable:
         """``listener(changed_models)`` runs after every replacement."""
         self._listeners.append(listener)
 
-    def replace(self, version: int, models: dict[str, tuple[ReplicaInfo, ...]]) -> None:
-        if version <= self.version:
+    def replace(self, version: int, models: dict[str, tuple[ReplicaInfo, ...]], *, force: bool = False) -> None:
+        """``force``: the first table of a new watch stream, from a possibly new
+        autoscaler whose versions need not continue the old one's."""
+        if version <= self.version and not force:
             return                               # stale or repeated table
         changed = {m for m in set(models) | set(self._models) if models.get(m) != self._models.get(m)}
         self.version, self._models = version, dict(models)
@@ -108,9 +110,11 @@ class AutoscalerSource:
             try:
                 call = self.stub.WatchEndpoints(mesh_pb2.WatchEndpointsRequest(
                     router_id=self.router_id, known_version=self.table.version))
+                first = True
                 async for msg in call:
                     self.connected.set()
-                    self.table.replace(msg.version, table_from_proto(msg))
+                    self.table.replace(msg.version, table_from_proto(msg), force=first)
+                    first = False
             except grpc.aio.AioRpcError as exc:
                 if self.connected.is_set():
                     log.warning("autoscaler %s unreachable (%s); serving on endpoint table v%d",

@@ -132,8 +132,8 @@ class UnaryPath:
         finally:
             call.cancel()
 
-    async def close(self) -> None:
-        await self.channel.close()
+    async def close(self, graceful: bool = False) -> None:
+        await self.channel.close(grace=30.0 if graceful else None)
 
 
 class StreamPath:
@@ -258,9 +258,16 @@ class StreamPath:
 
     stream = _exchange
 
-    async def close(self) -> None:
+    async def close(self, graceful: bool = False, grace_s: float = 30.0) -> None:
+        """``graceful``: end our side of the stream and let every pending request get
+        its answer (the replica is draining) before closing."""
         if self._outbox is not None:
             self._outbox.put_nowait(None)
+        if graceful and self._reader is not None and self._pending:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader), timeout=grace_s)
+            except (TimeoutError, Exception):  # noqa: BLE001 - closing anyway
+                pass
         if self._reader is not None:
             self._reader.cancel()
             try:

@@ -67,6 +67,8 @@ class RouterServer:
         self.auth = auth or Authenticator.from_env(config)
         self.table = EndpointTable()
         router_id = options.router_id or f"router-{uuid.uuid4().hex[:8]}"
+        self.router_id = router_id
+        self._report_task: asyncio.Task | None = None
         if config.router.autoscaler:
             self.source = AutoscalerSource(config.router.autoscaler, self.table, router_id,
                                            tls=config.security.client_tls)
@@ -100,6 +102,11 @@ class RouterServer:
         self._http, self.metrics_port = start_metrics(self.options.metrics_port, self.options.host,
                                                       self.metrics.registry)
         self._source_task = asyncio.create_task(self.source.run(), name="endpoint-source")
+        if isinstance(self.source, AutoscalerSource):
+            from router.load_report import LoadReporter
+
+            reporter = LoadReporter(self.core, self.source.channel, source=self.router_id)
+            self._report_task = asyncio.create_task(reporter.run(), name="load-reports")
         self.health.ready = True
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("router ready on port %d (%s endpoints, %s data path)", self.port,
@@ -109,8 +116,9 @@ class RouterServer:
         self.health.ready = False
         if self._server is not None:
             await self._server.stop(grace)
-        if self._source_task is not None:
-            self._source_task.cancel()
+        for task in (self._source_task, self._report_task):
+            if task is not None:
+                task.cancel()
         await self.core.close()
         await self.source.close()
         await self.meter.close()

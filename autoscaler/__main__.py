@@ -1,0 +1,33 @@
+"""``python -m autoscaler``: run the autoscaler (per-model scaling, scale to zero,
+coordinated pre-warming, schedules, placement) and its gRPC service."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m autoscaler",
+                                description="Scale every model of the mesh on its own traffic: from zero, to "
+                                            "zero, ahead of schedules, packed onto devices.")
+    p.add_argument("--config", required=True, help="path to mesh.yaml")
+    p.add_argument("--listen", default=None, help="host:port of the Autoscaler service (default: config)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port; 0 picks a free one")
+    p.add_argument("--redis", default=None, help="Redis URL for leader election (default: config, $REDIS_URL)")
+    p.add_argument("--provider", choices=("local", "kubernetes"), default=None,
+                   help="where replicas run (default: config)")
+    p.add_argument("--advertise-host", default="127.0.0.1",
+                   help="host that routers use to reach replicas the local provider starts")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from autoscaler.app import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Wiring of one autoscaler process: provider, controller, lease, gRPC, metrics."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import uuid
+from argparse import Namespace
+
+from autoscaler.controller import Controller
+from autoscaler.leader import make_lease
+from autoscaler.metrics import AutoscalerMetrics
+from autoscaler.service import AutoscalerServicer
+from cmesh.config import MeshConfig, load_config
+from cmesh.serving import grpc_server, start_metrics
+from cmesh.tls import add_port
+from protos import mesh_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def make_provider(config: MeshConfig, args: Namespace):
+    if config.autoscaler.provider == "kubernetes":
+        from autoscaler.providers.kubernetes import KubernetesProvider
+
+        return KubernetesProvider(config)
+    from autoscaler.providers.local import LocalProvider
+
+    # Replicas listen where the advertised name reaches them: loopback stays
+    # loopback; any other name (a compose service, a host name) needs all interfaces.
+    loopback = args.advertise_host in ("127.0.0.1", "localhost", "::1")
+    return LocalProvider(config, args.config, host="127.0.0.1" if loopback else "0.0.0.0",
+                         advertise_host=args.advertise_host,
+                         state_dir=os.environ.get("CMESH_STATE_DIR", ".cmesh/autoscaler"))
+
+
+class Autoscaler:
+    """Leads (runs the loop and the provider) while it holds the lease; as a
+    standby it serves Status and waits, publishing no table."""
+
+    def __init__(self, config: MeshConfig, args: Namespace) -> None:
+        self.config = config
+        self.args = args
+        self.metrics = AutoscalerMetrics()
+        self.provider = make_provider(config, args)
+        self.controller = Controller(config, self.provider, metrics=self.metrics)
+        self.leading = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+
+    async def on_elected(self) -> None:
+        log.info("leading: adopting running replicas and starting the control loop")
+        if hasattr(self.provider, "adopt"):
+            await self.provider.adopt()
+        await self.controller._publish()
+        self._loop_task = asyncio.create_task(self.controller.run(), name="control-loop")
+        self.metrics.leader.set(1)
+        self.leading.set()
+
+    async def on_lost(self) -> None:
+        log.warning("lost the leader lease: stopping the control loop")
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self.metrics.leader.set(0)
+        self.leading.clear()
+
+
+async def serve(args: Namespace) -> int:
+    config = load_config(args.config)
+    if args.provider:
+        config.autoscaler.provider = args.provider
+    listen = args.listen or config.autoscaler.listen
+    redis_url = args.redis or config.redis_url or os.environ.get("REDIS_URL") or None
+    app = Autoscaler(config, args)
+    servicer = AutoscalerServicer(app.controller, leading=app.leading)
+    server = grpc_server(config)
+    mesh_pb2_grpc.add_AutoscalerServicer_to_server(servicer, server)
+    port = add_port(server, listen, config.security.server_tls)
+    await server.start()
+    http, metrics_port = start_metrics(args.metrics_port, listen.rsplit(":", 1)[0], app.metrics.registry)
+    lease = make_lease(redis_url, holder_id=f"autoscaler-{uuid.uuid4().hex[:8]}",
+                       ttl_s=config.autoscaler.lease_ttl_s)
+    lease_task = asyncio.create_task(lease.run(app.on_elected, app.on_lost), name="leader-lease")
+    print(json.dumps({"event": "ready", "port": port, "metrics_port": metrics_port,
+                      "provider": config.autoscaler.provider, "leader_election": "redis" if redis_url else "none"}),
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: draining every replica")
+    lease_task.cancel()
+    await app.on_lost()
+    await app.provider.close()
+    await lease.release()
+    await lease.close()
+    await server.stop(2.0)
+    if http is not None:
+        http.shutdown()
+    return 0
+
+
+def run(args: Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    from cmesh.validation import ConfigError
+
+    try:
+        return uvloop.run(serve(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

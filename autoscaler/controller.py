@@ -1,0 +1,202 @@
+"""The control loop: metrics window + pure policy -> desired replicas -> provider.
+
+Every tick, each model is decided on its own load (never on aggregate traffic),
+with scheduled minimums and warm-up floors; new replicas are placed on devices
+first-fit decreasing; the endpoint table follows every replica state change.
+A Warm request (a router holding requests for a model at zero) starts the
+model - and, coordinated, every other model of its pipelines - at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from autoscaler.metrics import AutoscalerMetrics
+from autoscaler.placement import Placed, ReplicaRequest, place, utilisation
+from autoscaler.policy import PolicyState, ScalingContext, decide
+from autoscaler.prewarm import warm_plan
+from autoscaler.providers.base import Provider
+from autoscaler.schedule import scheduled_minimums
+from autoscaler.table import TablePublisher
+from autoscaler.window import MetricsWindow
+from cmesh.config import MeshConfig
+from protos import mesh_pb2
+
+log = logging.getLogger(__name__)
+POOLS = ("dedicated", "serverless")
+
+
+class Controller:
+    def __init__(self, config: MeshConfig, provider: Provider, *, metrics: AutoscalerMetrics | None = None,
+                 coordinated: bool = True, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.provider = provider
+        self.metrics = metrics or AutoscalerMetrics()
+        self.coordinated = coordinated
+        self._now = clock
+        self._wall = wall
+        self.window = MetricsWindow(config.autoscaler.stable_window_s)
+        self.publisher = TablePublisher(first_version=int(wall() * 1000))
+        self._states: dict[str, PolicyState] = {m: PolicyState() for m in config.models}
+        self._decisions: dict[str, object] = {}
+        self._warmed_at: dict[str, float] = {}
+        self._refused: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+        self._publish_pending = False
+        provider.subscribe(self._on_replicas_changed)
+
+    # -- inputs ---------------------------------------------------------------------
+
+    def on_report(self, report: mesh_pb2.LoadReport) -> None:
+        now = self._now()
+        for load in report.models:
+            if load.model in self.config.models:
+                self.window.add(load.model, now, concurrency=load.queue_depth + load.in_flight,
+                                arrivals=load.arrivals, held=int(report.held.get(load.model, 0)),
+                                source=report.source)
+
+    async def warm(self, *, model: str = "", pipeline: str = "", reason: str = "") -> list[str]:
+        """Start replicas now for the model (and, coordinated, the rest of its
+        pipelines) or for every model of a pipeline."""
+        if pipeline:
+            models = [m for m, _ in warm_plan(self.config, None, pipeline=pipeline).order]
+        elif self.coordinated:
+            models = [model] + [m for m, _ in warm_plan(self.config, model).order if m != model]
+        else:
+            models = [model]
+        now = self._now()
+        for m in models:
+            self._warmed_at[m] = now
+            self.metrics.warms.labels(m, reason or "requested").inc()
+        await self.tick(only=models)
+        return models
+
+    # -- the loop -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - one bad tick must not stop scaling
+                log.exception("autoscaler tick failed")
+            await asyncio.sleep(self.config.autoscaler.tick_s)    # the control period
+
+    async def tick(self, only: list[str] | None = None) -> None:
+        async with self._lock:
+            now = self._now()
+            wall = datetime.fromtimestamp(self._wall(), tz=timezone.utc)
+            scheduled = scheduled_minimums(self.config, wall, self.config.autoscaler.schedule_lead_s)
+            for model in only or list(self.config.models):
+                await self._decide(model, now, scheduled.get(model, 0))
+            self._observe()
+
+    async def _decide(self, model: str, now: float, scheduled_min: int) -> None:
+        spec = self.config.models[model].deployment
+        cfg = self.config.autoscaler
+        current = {pool: self._count(model, pool) for pool in POOLS}
+        last_traffic = max(filter(None, (self.window.last_traffic(model), self._warmed_at.get(model))),
+                           default=None)
+        ctx = ScalingContext(
+            model=model, spec=spec, current_dedicated=current["dedicated"],
+            current_serverless=current["serverless"],
+            stable_concurrency=self.window.average_concurrency(model, now, cfg.stable_window_s),
+            panic_concurrency=self.window.average_concurrency(model, now, cfg.panic_window_s),
+            metrics_age_s=self.window.last_sample_age(model, now), held=self.window.held(model, now),
+            idle_s=None if last_traffic is None else now - last_traffic, scheduled_min=scheduled_min, now=now)
+        decision, self._states[model] = decide(ctx, cfg, self._states[model])
+        self._decisions[model] = decision
+        desired = {"dedicated": decision.desired_dedicated, "serverless": decision.desired_serverless}
+        if not decision.valid:
+            desired = dict(current)            # no valid decision: keep what runs
+        if model in self._warmed_at and now - self._warmed_at[model] < spec.idle_timeout_s:
+            # A warm-up asked for this model: keep one replica until the policy has
+            # traffic of its own to go on (or the idle timeout passes).
+            pool = "dedicated" if spec.mode == "dedicated" else "serverless"
+            if desired["dedicated"] + desired["serverless"] == 0:
+                desired[pool] = 1
+        for pool in POOLS:
+            self.metrics.desired.labels(model, pool).set(desired[pool])
+            if desired[pool] != current[pool]:
+                devices = self._placement(model, desired[pool] - current[pool])
+                target = current[pool] + len(devices) if desired[pool] > current[pool] else desired[pool]
+                if target != current[pool]:
+                    direction = "up" if target > current[pool] else "down"
+                    self.metrics.scale_events.labels(model, pool, direction).inc()
+                    log.info("%s %s pool: %d -> %d (%s)", model, pool, current[pool], target, decision.reason)
+                    await self.provider.scale(model, pool, target, devices)
+
+    def _count(self, model: str, pool: str) -> int:
+        return sum(1 for r in self.provider.replicas()
+                   if r.model == model and r.pool == pool and r.state in ("cold", "warming", "ready"))
+
+    def _placement(self, model: str, adding: int) -> list[str]:
+        """Devices for new replicas (first-fit decreasing); an empty slot list when
+        scaling down. Replicas that fit nowhere are refused with the reason kept."""
+        if adding <= 0:
+            return []
+        memory = self._memory_mb(model)
+        existing = [Placed(model=r.model, device=r.device, memory_mb=r.memory_mb or self._memory_mb(r.model))
+                    for r in self.provider.replicas() if r.device]
+        result = place([ReplicaRequest(model=model, memory_mb=memory) for _ in range(adding)],
+                       self.config.devices, existing)
+        if result.refused:
+            self._refused[model] = result.refused[0][1]
+            log.warning("cannot place %d replica(s) of %s: %s", len(result.refused), model, result.refused[0][1])
+        else:
+            self._refused.pop(model, None)
+        return [device for _, device in result.placed]
+
+    def _memory_mb(self, model: str) -> int:
+        spec = self.config.models[model]
+        return spec.resources.memory_mb or 256
+
+    # -- outputs --------------------------------------------------------------------
+
+    def _on_replicas_changed(self) -> None:
+        if not self._publish_pending:
+            self._publish_pending = True
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._publish()))
+
+    async def _publish(self) -> None:
+        self._publish_pending = False
+        caps = {m: c.deployment.max_inflight_per_replica for m, c in self.config.models.items()}
+        await self.publisher.publish(self.provider.replicas(), caps)
+        self._observe()
+
+    def _observe(self) -> None:
+        replicas = self.provider.replicas()
+        self.metrics.observe_replicas(replicas)
+        for usage in self._utilisation(replicas):
+            self.metrics.device_used.labels(usage.name).set(usage.used_mb)
+
+    def _utilisation(self, replicas):
+        placed = [Placed(model=r.model, device=r.device, memory_mb=r.memory_mb or self._memory_mb(r.model))
+                  for r in replicas if r.device]
+        return utilisation(self.config.devices, placed)
+
+    def status(self, leader: bool = True) -> mesh_pb2.StatusResponse:
+        now = self._now()
+        replicas = self.provider.replicas()
+        resp = mesh_pb2.StatusResponse(leader=leader, endpoint_version=self.publisher.version)
+        for model, spec in self.config.models.items():
+            decision = self._decisions.get(model)
+            latest = self.window.latest(model) or {}
+            ms = resp.models.add(model=model, mode=spec.deployment.mode,
+                                 queue_depth=int(latest.get("concurrency", 0)), held=self.window.held(model, now),
+                                 panic=bool(getattr(decision, "panic", False)),
+                                 last_decision=self._refused.get(model) or getattr(decision, "reason", ""))
+            ms.desired_dedicated = getattr(decision, "desired_dedicated", 0)
+            ms.desired_serverless = getattr(decision, "desired_serverless", 0)
+            for r in sorted((r for r in replicas if r.model == model), key=lambda h: h.id):
+                ms.replicas.add(id=r.id, address=r.address or "", pool=r.pool, state=r.state, device=r.device,
+                                cold_start_s=r.cold_start_s or 0.0, age_s=now - r.started_at)
+                if r.cold_start_s:
+                    ms.last_cold_start_s = r.cold_start_s
+        for usage in self._utilisation(replicas):
+            resp.devices.add(name=usage.name, kind=usage.kind, memory_mb=usage.memory_mb, used_mb=usage.used_mb,
+                             replicas=usage.replicas)
+        return resp

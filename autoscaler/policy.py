@@ -1,0 +1,277 @@
+"""The scaling decision for one model: a pure function of a snapshot.
+
+Modelled on Ray Serve's ``autoscaling_policy.py`` (a context snapshot in, the
+desired count and new policy state out) and Knative's ``autoscaler.go`` (``now``
+is an argument; missing metrics give *no valid decision*, never a scale to
+zero). The control loop builds a :class:`ScalingContext` every tick, calls
+:func:`decide` and acts on the :class:`Decision`; nothing here does I/O or
+reads a clock, so every rule is testable with hand-made numbers.
+
+The steps, each a small function, in order:
+
+1. mode — ``dedicated`` pools are a fixed size and never consult metrics;
+2. validity — no (or stale) metrics: no decision (keep the current size),
+   except for what needs no metrics: held requests get a first replica at
+   once, and a pool outside [min, max] is moved into it;
+3. idle — a serverless model with no traffic for ``idle_timeout_s`` and a
+   minimum of 0 goes to zero;
+4. load → replicas — ``ceil(concurrency / target_concurrency)`` for the pool
+   that scales (for ``auto``, only the load beyond the dedicated pool's
+   threshold capacity spills to serverless);
+5. panic — the short window wanting ``panic_threshold`` x the current pool
+   starts (or extends) panic; in panic the pool never shrinks;
+6. rate limit — at most ``max_scale_up_rate`` x the current pool (from zero:
+   as if the pool were 1, so a burst from zero can start several at once);
+7. scale-down delay — the max of this decision and those of the last
+   ``scale_down_delay_s`` (a dip must last that long before it removes replicas);
+8. bounds — ``[max(min_replicas, scheduled minimum), max_replicas]``;
+9. floors — a serverless model with traffic keeps one replica until it has been
+   idle for ``idle_timeout_s``; held requests always get at least one.
+
+The decision is made per model on that model's own load (the window holds each
+model separately), never on the mesh's aggregate request count, so a flood on
+one model cannot scale another.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from cmesh.config import AutoscalerConfig, DeploymentConfig
+
+if TYPE_CHECKING:
+    from autoscaler.window import MetricsWindow
+
+# ceil() of a quotient like 16.000000001 / 8 must not add a replica for float noise.
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class ScalingContext:
+    """Everything :func:`decide` may look at, frozen at one instant ``now``.
+
+    ``current_*`` count a pool's replicas that are starting or ready (not
+    draining). Loads are the model's summed concurrency (in flight + queued, in
+    routers and replicas); None means no report inside that window.
+    ``idle_s`` is the time since the model last had traffic (or was last
+    warmed); None means unknown, which never counts as idle."""
+
+    model: str
+    spec: DeploymentConfig
+    current_serverless: int
+    current_dedicated: int
+    stable_concurrency: float | None
+    panic_concurrency: float | None
+    metrics_age_s: float | None
+    held: int
+    idle_s: float | None
+    scheduled_min: int
+    now: float
+
+    @classmethod
+    def from_window(cls, window: "MetricsWindow", model: str, spec: DeploymentConfig,
+                    config: AutoscalerConfig, now: float, *, current_serverless: int,
+                    current_dedicated: int, scheduled_min: int = 0,
+                    touched_at: float | None = None) -> "ScalingContext":
+        """Snapshot a model from the metrics window. ``touched_at`` is the last
+        time something other than traffic made the model busy (a pre-warm, the
+        autoscaler's start), so warmed replicas get a full idle timeout."""
+        marks = [t for t in (window.last_traffic(model), touched_at) if t is not None]
+        return cls(
+            model=model, spec=spec,
+            current_serverless=current_serverless, current_dedicated=current_dedicated,
+            stable_concurrency=window.average_concurrency(model, now, config.stable_window_s),
+            panic_concurrency=window.average_concurrency(model, now, config.panic_window_s),
+            metrics_age_s=window.last_sample_age(model, now),
+            held=window.held(model, now),
+            idle_s=max(0.0, now - max(marks)) if marks else None,
+            scheduled_min=scheduled_min, now=now)
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """What one decision leaves for the next (per model; start with ``PolicyState()``)."""
+
+    panic_until: float | None = None     # in panic while now < panic_until
+    panic_peak: int = 0                  # largest pool wanted during this panic
+    # (time, desired) of recent decisions, kept as a monotonic max-queue: the
+    # head is the max over the scale-down delay window, and the queue stays
+    # short however long the delay is.
+    recent: tuple[tuple[float, int], ...] = field(default_factory=tuple)
+
+    def in_panic(self, now: float) -> bool:
+        return self.panic_until is not None and now < self.panic_until
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired_dedicated: int
+    desired_serverless: int
+    panic: bool
+    reason: str
+    # False: no decision (missing or stale metrics, nothing else to go on);
+    # the caller keeps the current pools, and the desired counts equal them.
+    # Floors and caps that need no metrics (min/scheduled replicas, max, held
+    # requests) still give a valid decision.
+    valid: bool = True
+
+    @property
+    def total(self) -> int:
+        return self.desired_dedicated + self.desired_serverless
+
+
+def decide(ctx: ScalingContext, config: AutoscalerConfig,
+           state: PolicyState | None = None) -> tuple[Decision, PolicyState]:
+    """The desired pool sizes for ``ctx.model`` and the policy state for next time."""
+    state = state or PolicyState()
+    spec = ctx.spec
+    if spec.mode == "dedicated":
+        n = spec.dedicated_replicas
+        return Decision(n, 0, False, f"dedicated: fixed pool of {n}"), PolicyState()
+
+    dedicated = spec.dedicated_replicas if spec.mode == "auto" else 0
+    lo, hi, lo_why = _bounds(ctx)
+    current = ctx.current_serverless
+    # Held requests wait for *a* replica: one is needed at once unless a
+    # dedicated replica exists (it is starting; a serverless one would be no sooner).
+    needs_first = ctx.held > 0 and ctx.current_dedicated == 0 and hi >= 1
+
+    stale = _staleness(ctx, config)
+    if stale is not None:
+        panic = state.in_panic(ctx.now)
+        if needs_first and current < 1:
+            return Decision(dedicated, 1, panic, f"held {ctx.held} → 1 ({stale})"), state
+        keep = _clamp(current, lo, hi)
+        if keep != current:
+            # Bounds need no metrics: provisioned (or scheduled) replicas start,
+            # and a lowered max applies, even before the first report.
+            why = f"min {lo}{lo_why}" if keep > current else f"max {hi}"
+            return Decision(dedicated, keep, panic, f"{stale}; {why}"), state
+        return Decision(dedicated, current, panic, stale, valid=False), state
+
+    if spec.mode == "serverless" and lo == 0 and _idle(ctx):
+        # Idle long enough: to zero whatever the lingering averages say (the
+        # stable window may be longer than the idle timeout). Held requests
+        # never count as idle. A fresh start for panic and delay state.
+        return Decision(0, 0, False, f"idle {ctx.idle_s:.0f}s → 0"), PolicyState()
+
+    stable_load = _pool_load(ctx.stable_concurrency or 0.0, spec)
+    panic_load = _pool_load(ctx.panic_concurrency if ctx.panic_concurrency is not None
+                            else ctx.stable_concurrency or 0.0, spec)
+    want_stable = _replicas(stable_load, spec.target_concurrency)
+    want_panic = _replicas(panic_load, spec.target_concurrency)
+
+    desired, state, reason = _panic_step(ctx, config, state, want_stable, want_panic, stable_load, panic_load)
+    desired, note = _rate_limit(desired, current, config.max_scale_up_rate)
+    reason += note
+    desired, state, note = _delay_step(desired, ctx.now, config.scale_down_delay_s, state)
+    reason += note
+    bounded = _clamp(desired, lo, hi)
+    if bounded > desired:
+        reason += f" (min {lo}{lo_why})"
+    elif bounded < desired:
+        reason += f" (max {hi})"
+
+    if spec.mode == "serverless" and bounded == 0 and current > 0:
+        # Load fell to nothing but the model is not idle long enough: keep one
+        # warm replica so the next request does not pay a cold start.
+        idle = "no traffic yet" if ctx.idle_s is None else f"idle {ctx.idle_s:.0f}s"
+        bounded, reason = 1, f"{reason}; {idle} of {spec.idle_timeout_s:g}s → keep 1"
+    if needs_first and bounded < 1:
+        bounded, reason = 1, f"held {ctx.held} → 1"
+    return Decision(dedicated, bounded, state.in_panic(ctx.now), reason), state
+
+
+# ----------------------------------------------------------------- the steps
+
+
+def _staleness(ctx: ScalingContext, config: AutoscalerConfig) -> str | None:
+    """Why there is no metric-based decision, or None when the data is usable."""
+    if ctx.metrics_age_s is None or ctx.stable_concurrency is None:
+        return "no metrics"
+    if ctx.metrics_age_s > config.stale_after_s:
+        return f"stale metrics ({ctx.metrics_age_s:.1f}s old)"
+    return None
+
+
+def _idle(ctx: ScalingContext) -> bool:
+    # Unknown idleness (None) is not idleness: never to zero on missing data.
+    return ctx.idle_s is not None and ctx.idle_s >= ctx.spec.idle_timeout_s and ctx.held == 0
+
+
+def _pool_load(concurrency: float, spec: DeploymentConfig) -> float:
+    """The load the serverless pool must carry: all of it, or (``auto``) what
+    exceeds the dedicated pool's capacity at its threshold, which is exactly
+    when the router starts spilling."""
+    if spec.mode != "auto":
+        return concurrency
+    capacity = spec.dedicated_replicas * spec.target_concurrency * spec.capacity_threshold
+    return max(0.0, concurrency - capacity)
+
+
+def _replicas(load: float, target: float) -> int:
+    return max(0, math.ceil(load / target - _EPS))
+
+
+def _panic_step(ctx: ScalingContext, config: AutoscalerConfig, state: PolicyState,
+                want_stable: int, want_panic: int, stable_load: float,
+                panic_load: float) -> tuple[int, PolicyState, str]:
+    current = ctx.current_serverless
+    target = f"{ctx.spec.target_concurrency:g}"
+    what = "beyond dedicated capacity" if ctx.spec.mode == "auto" else "in flight"
+    # Knative: compare against at least one replica, so going 0 → 2+ at once is a burst.
+    triggered = want_panic >= config.panic_threshold * max(1, current)
+    was_in_panic = state.in_panic(ctx.now)
+    if triggered:
+        state = replace(state, panic_until=ctx.now + config.stable_window_s)
+    if triggered or was_in_panic:
+        # In panic the pool never shrinks: a burst that eased for a second is
+        # likely to come back, and removing replicas mid-burst costs cold starts.
+        peak = max(want_panic, current, state.panic_peak if was_in_panic else 0)
+        state = replace(state, panic_peak=peak)
+        left = state.panic_until - ctx.now if state.panic_until is not None else 0.0
+        return peak, state, (f"panic: {panic_load:.1f} {what} / {target} per replica → {want_panic}, "
+                             f"holding {peak} for {left:.0f}s")
+    state = replace(state, panic_until=None, panic_peak=0)
+    return want_stable, state, f"stable: {stable_load:.1f} {what} / {target} per replica → {want_stable}"
+
+
+def _rate_limit(desired: int, current: int, rate: float) -> tuple[int, str]:
+    limit = math.ceil(rate * max(1, current) - _EPS)
+    if desired > limit:
+        return limit, f" (scale-up limit {limit})"
+    return desired, ""
+
+
+def _delay_step(desired: int, now: float, delay_s: float,
+                state: PolicyState) -> tuple[int, PolicyState, str]:
+    recent = [(t, v) for t, v in state.recent if t > now - delay_s]
+    while recent and recent[-1][1] <= desired:
+        recent.pop()                 # dominated: newer and not larger can never be the max again
+    recent.append((now, desired))
+    state = replace(state, recent=tuple(recent))
+    held = recent[0][1]
+    if held > desired:
+        return held, state, f" (scale-down delay keeps {held})"
+    return desired, state, ""
+
+
+def _bounds(ctx: ScalingContext) -> tuple[int, int, str]:
+    """[lo, hi] for the serverless pool, and why lo is what it is."""
+    spec = ctx.spec
+    if spec.mode == "auto":
+        # max_replicas counts both pools; a schedule's minimum counts every
+        # replica of the model, so the dedicated pool already covers part of it.
+        hi = max(0, spec.max_replicas - spec.dedicated_replicas)
+        scheduled = max(0, ctx.scheduled_min - spec.dedicated_replicas)
+    else:
+        hi = spec.max_replicas
+        scheduled = ctx.scheduled_min
+    lo = min(max(spec.min_replicas, scheduled), hi)
+    why = ", scheduled" if scheduled > spec.min_replicas and lo > 0 else ""
+    return lo, hi, why
+
+
+def _clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, n))

@@ -1,0 +1,257 @@
+"""The embedded default provider: replicas are `python -m model_server` processes.
+
+A replica starts on a free port and announces readiness (and its measured cold
+start) on a JSON line; scale-down drains it: out of the endpoint table first, so
+routers stop sending, then SIGTERM (the model server reports NOT_SERVING and
+finishes in-flight work), then SIGKILL after the grace period.
+
+Replicas outlive a crashed autoscaler - serving must not depend on it - so each
+runs in its own session and is recorded in a state file; an autoscaler that
+starts (a restart, or a standby taking over) adopts the live ones it finds there.
+A clean shutdown (``close``) drains and stops every replica: nothing is orphaned.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from autoscaler.providers.base import ReplicaHandle
+from cmesh.config import MeshConfig
+
+log = logging.getLogger(__name__)
+
+ROUTER_NOTICE_S = 0.3     # a draining replica leaves the table this long before SIGTERM
+
+
+class LocalProvider:
+    def __init__(self, config: MeshConfig, config_path: str, *, state_dir: str | Path = ".cmesh/autoscaler",
+                 host: str = "127.0.0.1", advertise_host: str | None = None, grace_s: float | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.config_path = str(config_path)
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "logs").mkdir(exist_ok=True)
+        self.host = host
+        self.advertise_host = advertise_host or host
+        self.grace_s = config.autoscaler.drain_grace_s if grace_s is None else grace_s
+        self._env = {**os.environ, **(extra_env or {})}
+        self._replicas: dict[str, ReplicaHandle] = {}
+        self._procs: dict[str, asyncio.subprocess.Process | None] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._listeners: list[Callable[[], None]] = []
+        self._ids = itertools.count(1)
+        self._prefix = f"r{os.getpid()}-{int(time.time()) % 100000}"
+
+    # -- Provider ---------------------------------------------------------------------
+
+    def replicas(self) -> list[ReplicaHandle]:
+        return list(self._replicas.values())
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    async def scale(self, model: str, pool: str, desired: int, devices: list[str]) -> None:
+        live = [r for r in self._replicas.values()
+                if r.model == model and r.pool == pool and r.state in ("cold", "warming", "ready")]
+        if desired > len(live):
+            for i in range(desired - len(live)):
+                self._spawn(model, pool, devices[i] if i < len(devices) else "")
+        elif desired < len(live):
+            # Drain the ones still warming first (no traffic yet), then the newest ready.
+            order = sorted(live, key=lambda r: (r.state == "ready", r.started_at))
+            for handle in order[:len(live) - desired]:
+                self._track(asyncio.create_task(self._drain(handle), name=f"drain-{handle.id}"))
+
+    async def close(self) -> None:
+        for handle in list(self._replicas.values()):
+            if handle.state != "draining":
+                self._track(asyncio.create_task(self._drain(handle, notice_s=0.0)))
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self._save()
+
+    # -- adoption ---------------------------------------------------------------------
+
+    async def adopt(self) -> list[ReplicaHandle]:
+        """Take over the live replicas a previous autoscaler left running."""
+        path = self.state_dir / "replicas.json"
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return []
+        adopted = []
+        for entry in entries:
+            pid = entry.get("pid")
+            if not pid or not _alive(pid) or entry.get("model") not in self.config.models:
+                continue
+            handle = ReplicaHandle(id=entry["id"], model=entry["model"], pool=entry["pool"],
+                                   device=entry.get("device", ""), state="ready", address=entry["address"],
+                                   started_at=time.monotonic(), cold_start_s=entry.get("cold_start_s"),
+                                   memory_mb=entry.get("memory_mb", 0), info={"pid": pid, "adopted": True})
+            if not await _serving(handle.address):
+                continue
+            self._replicas[handle.id] = handle
+            self._procs[handle.id] = None
+            adopted.append(handle)
+        if adopted:
+            log.info("adopted %d running replica(s): %s", len(adopted), ", ".join(h.id for h in adopted))
+            self._changed()
+        return adopted
+
+    # -- internals --------------------------------------------------------------------
+
+    def _spawn(self, model: str, pool: str, device: str) -> ReplicaHandle:
+        rid = f"{model}-{pool[0]}-{self._prefix}-{next(self._ids)}"
+        spec = self.config.models[model]
+        handle = ReplicaHandle(id=rid, model=model, pool=pool, device=device, state="warming",
+                               started_at=time.monotonic(),
+                               memory_mb=spec.resources.memory_mb or 0,
+                               variants=tuple(spec.variant_sources()))
+        self._replicas[rid] = handle
+        self._changed()
+        self._track(asyncio.create_task(self._run(handle), name=f"replica-{rid}"))
+        return handle
+
+    async def _run(self, handle: ReplicaHandle) -> None:
+        log_path = self.state_dir / "logs" / f"{handle.id}.log"
+        with open(log_path, "ab") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "model_server", "--config", self.config_path, "--models", handle.model,
+                "--host", self.host, "--port", "0", "--metrics-port", "0", "--log-level", "WARNING",
+                stdout=asyncio.subprocess.PIPE, stderr=log_file, env=self._env, start_new_session=True)
+        self._procs[handle.id] = proc
+        handle.info["pid"] = proc.pid
+        ready = await _ready_line(proc)
+        if ready is None:
+            code = await proc.wait()
+            log.error("replica %s exited during start-up (code %s); see %s", handle.id, code, log_path)
+            self._forget(handle)
+            return
+        if handle.state == "draining":         # scaled down while it was warming
+            return
+        handle.address = f"{self.advertise_host}:{ready['port']}"
+        handle.cold_start_s = ready.get("cold_start_s")
+        handle.info["metrics_port"] = ready.get("metrics_port")
+        handle.info["load_s"] = ready.get("models", {}).get(handle.model, {})
+        handle.state = "ready"
+        log.info("replica %s of %s ready at %s (cold start %.2fs)", handle.id, handle.model, handle.address,
+                 handle.cold_start_s or 0.0)
+        self._changed()
+        code = await proc.wait()
+        if handle.state != "draining":          # died on its own: the loop will replace it
+            log.warning("replica %s of %s exited unexpectedly (code %s)", handle.id, handle.model, code)
+            self._forget(handle)
+
+    async def _drain(self, handle: ReplicaHandle, notice_s: float = ROUTER_NOTICE_S) -> None:
+        handle.state = "draining"
+        self._changed()                         # out of the endpoint table: routers stop sending
+        if notice_s:
+            await asyncio.sleep(notice_s)
+        pid = handle.info.get("pid")
+        if pid and _alive(pid):
+            _signal(pid, signal.SIGTERM)        # NOT_SERVING, finish in-flight work, exit
+            deadline = time.monotonic() + self.grace_s + self.config.server.drain_delay_s + 2.0
+            proc = self._procs.get(handle.id)
+            while _alive(pid) and time.monotonic() < deadline:
+                if proc is not None:
+                    try:
+                        await asyncio.wait_for(proc.wait(), timeout=max(0.05, deadline - time.monotonic()))
+                    except TimeoutError:
+                        pass
+                else:                           # adopted: not our child, watch its pid
+                    await asyncio.sleep(0.1)
+            if _alive(pid):
+                log.warning("replica %s did not stop within the grace period; SIGKILL", handle.id)
+                _signal(pid, signal.SIGKILL)
+        self._forget(handle)
+
+    def _forget(self, handle: ReplicaHandle) -> None:
+        if self._replicas.pop(handle.id, None) is not None:
+            self._procs.pop(handle.id, None)
+            self._changed()
+
+    def _track(self, task: asyncio.Task) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _changed(self) -> None:
+        self._save()
+        for listener in self._listeners:
+            listener()
+
+    def _save(self) -> None:
+        entries = [{"id": h.id, "model": h.model, "pool": h.pool, "device": h.device, "address": h.address,
+                    "pid": h.info.get("pid"), "cold_start_s": h.cold_start_s, "memory_mb": h.memory_mb}
+                   for h in self._replicas.values() if h.state == "ready" and h.address]
+        tmp = self.state_dir / "replicas.json.tmp"
+        tmp.write_text(json.dumps(entries))
+        tmp.replace(self.state_dir / "replicas.json")
+
+
+async def _ready_line(proc: asyncio.subprocess.Process) -> dict | None:
+    """The replica's ready event; None if it exits first. Later output is drained."""
+    assert proc.stdout is not None
+    while True:
+        line = await proc.stdout.readline()
+        if not line:
+            return None
+        if line.startswith(b"{"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "ready":
+                asyncio.get_running_loop().create_task(_drain_output(proc))
+                return event
+
+
+async def _drain_output(proc: asyncio.subprocess.Process) -> None:
+    while proc.stdout is not None and await proc.stdout.readline():
+        pass
+
+
+async def _serving(address: str | None) -> bool:
+    if not address:
+        return False
+    import grpc
+
+    from protos import inference_pb2 as pb
+    from protos import inference_pb2_grpc as pb_grpc
+
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            reply = await pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest(), timeout=2)
+            return reply.ready
+    except grpc.aio.AioRpcError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still "exists": reap-or-check via /proc where possible.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
