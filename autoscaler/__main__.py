@@ -18,6 +18,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where replicas run (default: config)")
     p.add_argument("--advertise-host", default="127.0.0.1",
                    help="host that routers use to reach replicas the local provider starts")
+    p.add_argument("--no-fork-server", action="store_true",
+                   help="local provider: start every replica as a fresh process instead of forking it from "
+                        "a pre-imported fork server (slower cold starts; for comparison)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 

@@ -33,7 +33,7 @@ def make_provider(config: MeshConfig, args: Namespace):
     # loopback; any other name (a compose service, a host name) needs all interfaces.
     loopback = args.advertise_host in ("127.0.0.1", "localhost", "::1")
     return LocalProvider(config, args.config, host="127.0.0.1" if loopback else "0.0.0.0",
-                         advertise_host=args.advertise_host,
+                         advertise_host=args.advertise_host, zygote=not args.no_fork_server,
                          state_dir=os.environ.get("CMESH_STATE_DIR", ".cmesh/autoscaler"))
 
 
@@ -74,6 +74,8 @@ async def serve(args: Namespace) -> int:
     listen = args.listen or config.autoscaler.listen
     redis_url = args.redis or config.redis_url or os.environ.get("REDIS_URL") or None
     app = Autoscaler(config, args)
+    if hasattr(app.provider, "start"):
+        await app.provider.start()            # e.g. the local fork server's imports, before we say ready
     servicer = AutoscalerServicer(app.controller, leading=app.leading)
     server = grpc_server(config)
     mesh_pb2_grpc.add_AutoscalerServicer_to_server(servicer, server)

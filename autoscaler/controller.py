@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 
 from autoscaler.metrics import AutoscalerMetrics
-from autoscaler.placement import Placed, ReplicaRequest, place, utilisation
+from autoscaler.placement import Placed, place, replica_request, utilisation
 from autoscaler.policy import PolicyState, ScalingContext, decide
 from autoscaler.prewarm import warm_plan
 from autoscaler.providers.base import Provider
@@ -31,15 +31,19 @@ POOLS = ("dedicated", "serverless")
 
 class Controller:
     def __init__(self, config: MeshConfig, provider: Provider, *, metrics: AutoscalerMetrics | None = None,
-                 coordinated: bool = True, clock: Callable[[], float] = time.monotonic,
+                 coordinated: bool | None = None, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.config = config
         self.provider = provider
         self.metrics = metrics or AutoscalerMetrics()
-        self.coordinated = coordinated
+        self.coordinated = config.autoscaler.coordinated_prewarm if coordinated is None else coordinated
         self._now = clock
         self._wall = wall
-        self.window = MetricsWindow(config.autoscaler.stable_window_s)
+        # A router's last report counts until it is as old as "stale": then it stops
+        # adding to the model's load, as a router that went away should.
+        self.window = MetricsWindow(config.autoscaler.stable_window_s,
+                                    source_ttl_s=config.autoscaler.stale_after_s)
+        self._manifest_mb: dict[str, int] = {}
         self.publisher = TablePublisher(first_version=int(wall() * 1000))
         self._states: dict[str, PolicyState] = {m: PolicyState() for m in config.models}
         self._decisions: dict[str, object] = {}
@@ -138,11 +142,10 @@ class Controller:
         scaling down. Replicas that fit nowhere are refused with the reason kept."""
         if adding <= 0:
             return []
-        memory = self._memory_mb(model)
         existing = [Placed(model=r.model, device=r.device, memory_mb=r.memory_mb or self._memory_mb(r.model))
                     for r in self.provider.replicas() if r.device]
-        result = place([ReplicaRequest(model=model, memory_mb=memory) for _ in range(adding)],
-                       self.config.devices, existing)
+        request = replica_request(model, self.config.models[model], self._manifest_memory(model))
+        result = place([request] * adding, self.config.devices, existing)
         if result.refused:
             self._refused[model] = result.refused[0][1]
             log.warning("cannot place %d replica(s) of %s: %s", len(result.refused), model, result.refused[0][1])
@@ -151,8 +154,19 @@ class Controller:
         return [device for _, device in result.placed]
 
     def _memory_mb(self, model: str) -> int:
-        spec = self.config.models[model]
-        return spec.resources.memory_mb or 256
+        return self.config.models[model].resources.memory_mb or self._manifest_memory(model) or 256
+
+    def _manifest_memory(self, model: str) -> int | None:
+        """The store manifest's memory estimate (the config may override it)."""
+        if model not in self._manifest_mb:
+            from cmesh.store import ModelStore
+
+            try:
+                source = next(iter(self.config.models[model].variant_sources().values())).source
+                self._manifest_mb[model] = ModelStore(self.config.store).open(source).manifest.memory_mb
+            except Exception:  # noqa: BLE001 - the store may be unreachable from here (Kubernetes)
+                self._manifest_mb[model] = 0
+        return self._manifest_mb[model] or None
 
     # -- outputs --------------------------------------------------------------------
 

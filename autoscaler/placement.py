@@ -5,9 +5,9 @@ slots). A replica needs its model's memory estimate (``resources.memory_mb``,
 else the manifest's). New replicas are placed largest first, each on the first
 device (in declared order) with enough free memory and a free slot: the
 largest items are the hard ones, and placing them while memory is still
-unfragmented is what makes first-fit decreasing pack well (within 11/9 of
-optimal bins). Declared order doubles as preference: list the device you want
-filled first, first.
+unfragmented is what makes first-fit decreasing pack well (about 11/9 of the
+optimal number of devices at worst). Declared order doubles as preference:
+list the device you want filled first, first.
 
 A replica that fits nowhere right now is *refused* with a message saying what
 it needed and what the best candidate had; a model that could not fit even on

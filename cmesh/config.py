@@ -301,6 +301,8 @@ class AutoscalerConfig(Strict):
     scale_down_delay_s: float = Field(0.0, ge=0, description="keep the max of decisions over this long")
     stale_after_s: float = Field(5.0, gt=0, description="no decision when the newest metrics are older")
     schedule_lead_s: float = Field(120.0, ge=0, description="raise scheduled minimums this early")
+    coordinated_prewarm: bool = Field(True, description="a cold touch of one model of a pipeline warms the "
+                                                        "rest of the pipeline in parallel")
     drain_grace_s: float = Field(20.0, ge=0, description="scale-down: in-flight work may take this long")
     ready_timeout_s: float = Field(180.0, gt=0, description="a replica not ready by then is replaced")
     lease_ttl_s: float = Field(5.0, gt=0, description="leader lease in Redis; a standby takes over after it")

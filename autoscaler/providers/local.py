@@ -34,7 +34,7 @@ ROUTER_NOTICE_S = 0.3     # a draining replica leaves the table this long before
 class LocalProvider:
     def __init__(self, config: MeshConfig, config_path: str, *, state_dir: str | Path = ".cmesh/autoscaler",
                  host: str = "127.0.0.1", advertise_host: str | None = None, grace_s: float | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, zygote: bool = True) -> None:
         self.config = config
         self.config_path = str(config_path)
         self.state_dir = Path(state_dir)
@@ -43,13 +43,17 @@ class LocalProvider:
         self.host = host
         self.advertise_host = advertise_host or host
         self.grace_s = config.autoscaler.drain_grace_s if grace_s is None else grace_s
-        self._env = {**os.environ, **(extra_env or {})}
+        # Replicas of several models share this machine's cores: idle OpenMP threads
+        # must sleep rather than spin, or replicas starting together starve each other.
+        self._env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(extra_env or {})}
         self._replicas: dict[str, ReplicaHandle] = {}
-        self._procs: dict[str, asyncio.subprocess.Process | None] = {}
         self._tasks: set[asyncio.Task] = set()
         self._listeners: list[Callable[[], None]] = []
         self._ids = itertools.count(1)
         self._prefix = f"r{os.getpid()}-{int(time.time()) % 100000}"
+        self._use_zygote = zygote
+        self._zygote: asyncio.subprocess.Process | None = None
+        self._zygote_lock = asyncio.Lock()
 
     # -- Provider ---------------------------------------------------------------------
 
@@ -78,6 +82,51 @@ class LocalProvider:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         self._save()
+        if self._zygote is not None and self._zygote.returncode is None:
+            self._zygote.stdin.close()          # the fork server exits at end of input
+            try:
+                await asyncio.wait_for(self._zygote.wait(), timeout=10)
+            except TimeoutError:
+                self._zygote.kill()
+
+    async def start(self) -> None:
+        """Boot the fork server (imports the heavy libraries once); without it,
+        replicas start as plain processes."""
+        if not self._use_zygote:
+            return
+        self._zygote = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "autoscaler.providers.zygote", ",".join(self._model_types()),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=open(self.state_dir / "logs" / "zygote.log", "ab"),
+            env=self._env)
+        line = await self._zygote.stdout.readline()
+        if not line.startswith(b'{"event": "ready"'):
+            log.warning("replica fork server did not start; starting replicas as plain processes")
+            self._zygote = None
+
+    def _model_types(self) -> list[str]:
+        """Architectures (config.json model_type) of the configured models in the store."""
+        from cmesh.store import ModelStore
+
+        store, types = ModelStore(self.config.store), set()
+        for spec in self.config.models.values():
+            for variant in spec.variant_sources().values():
+                try:
+                    cfg = store.open(variant.source).local_dir / "config.json"
+                    types.add(json.loads(cfg.read_text()).get("model_type", ""))
+                except Exception:  # noqa: BLE001 - not a Hugging Face model, or not built yet
+                    continue
+        return sorted(t for t in types if t)
+
+    async def _fork(self, argv: list[str], fifo: Path, log_path: Path) -> int:
+        async with self._zygote_lock:           # one request, one answer, in order
+            request = {"argv": argv, "stdout": str(fifo), "log": str(log_path)}
+            self._zygote.stdin.write((json.dumps(request) + "\n").encode())
+            await self._zygote.stdin.drain()
+            answer = json.loads(await self._zygote.stdout.readline() or b"{}")
+        if "pid" not in answer:
+            raise RuntimeError(f"fork server: {answer.get('error', 'no answer')}")
+        return answer["pid"]
 
     # -- adoption ---------------------------------------------------------------------
 
@@ -100,7 +149,8 @@ class LocalProvider:
             if not await _serving(handle.address):
                 continue
             self._replicas[handle.id] = handle
-            self._procs[handle.id] = None
+            handle.info["exited"] = _watch_exit(pid)
+            self._track(asyncio.create_task(self._watch_adopted(handle), name=f"adopted-{handle.id}"))
             adopted.append(handle)
         if adopted:
             log.info("adopted %d running replica(s): %s", len(adopted), ", ".join(h.id for h in adopted))
@@ -123,17 +173,34 @@ class LocalProvider:
 
     async def _run(self, handle: ReplicaHandle) -> None:
         log_path = self.state_dir / "logs" / f"{handle.id}.log"
-        with open(log_path, "ab") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "model_server", "--config", self.config_path, "--models", handle.model,
-                "--host", self.host, "--port", "0", "--metrics-port", "0", "--log-level", "WARNING",
-                stdout=asyncio.subprocess.PIPE, stderr=log_file, env=self._env, start_new_session=True)
-        self._procs[handle.id] = proc
-        handle.info["pid"] = proc.pid
-        ready = await _ready_line(proc)
+        argv = ["--config", self.config_path, "--models", handle.model, "--host", self.host, "--port", "0",
+                "--metrics-port", "0", "--log-level", "WARNING"]
+        if self._zygote is not None and self._zygote.returncode is None:
+            fifo = self.state_dir / "fifos" / handle.id
+            fifo.parent.mkdir(exist_ok=True)
+            os.mkfifo(fifo)
+            # Read-write, so the read side never sees EOF before the child connects.
+            fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+            try:
+                pid = await self._fork(argv, fifo, log_path)
+                exited = _watch_exit(pid)
+                ready = await _first_ready(_fifo_reader(fd), exited)
+            finally:
+                asyncio.get_running_loop().remove_reader(fd)
+                os.close(fd)
+                fifo.unlink(missing_ok=True)
+        else:
+            with open(log_path, "ab") as log_file:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "model_server", *argv, stdout=asyncio.subprocess.PIPE,
+                    stderr=log_file, env=self._env, start_new_session=True)
+            pid = proc.pid
+            exited = asyncio.ensure_future(proc.wait())
+            ready = await _first_ready(proc.stdout, exited)
+        handle.info["pid"] = pid
+        handle.info["exited"] = exited
         if ready is None:
-            code = await proc.wait()
-            log.error("replica %s exited during start-up (code %s); see %s", handle.id, code, log_path)
+            log.error("replica %s exited during start-up; see %s", handle.id, log_path)
             self._forget(handle)
             return
         if handle.state == "draining":         # scaled down while it was warming
@@ -146,9 +213,9 @@ class LocalProvider:
         log.info("replica %s of %s ready at %s (cold start %.2fs)", handle.id, handle.model, handle.address,
                  handle.cold_start_s or 0.0)
         self._changed()
-        code = await proc.wait()
+        await exited
         if handle.state != "draining":          # died on its own: the loop will replace it
-            log.warning("replica %s of %s exited unexpectedly (code %s)", handle.id, handle.model, code)
+            log.warning("replica %s of %s exited unexpectedly", handle.id, handle.model)
             self._forget(handle)
 
     async def _drain(self, handle: ReplicaHandle, notice_s: float = ROUTER_NOTICE_S) -> None:
@@ -158,25 +225,26 @@ class LocalProvider:
             await asyncio.sleep(notice_s)
         pid = handle.info.get("pid")
         if pid and _alive(pid):
+            exited = handle.info.get("exited") or _watch_exit(pid)
             _signal(pid, signal.SIGTERM)        # NOT_SERVING, finish in-flight work, exit
-            deadline = time.monotonic() + self.grace_s + self.config.server.drain_delay_s + 2.0
-            proc = self._procs.get(handle.id)
-            while _alive(pid) and time.monotonic() < deadline:
-                if proc is not None:
-                    try:
-                        await asyncio.wait_for(proc.wait(), timeout=max(0.05, deadline - time.monotonic()))
-                    except TimeoutError:
-                        pass
-                else:                           # adopted: not our child, watch its pid
-                    await asyncio.sleep(0.1)
+            grace = self.grace_s + self.config.server.drain_delay_s + 2.0
+            try:
+                await asyncio.wait_for(asyncio.shield(exited), timeout=grace)
+            except TimeoutError:
+                pass
             if _alive(pid):
                 log.warning("replica %s did not stop within the grace period; SIGKILL", handle.id)
                 _signal(pid, signal.SIGKILL)
         self._forget(handle)
 
+    async def _watch_adopted(self, handle: ReplicaHandle) -> None:
+        await handle.info["exited"]
+        if handle.state != "draining":
+            log.warning("adopted replica %s of %s exited", handle.id, handle.model)
+            self._forget(handle)
+
     def _forget(self, handle: ReplicaHandle) -> None:
         if self._replicas.pop(handle.id, None) is not None:
-            self._procs.pop(handle.id, None)
             self._changed()
 
     def _track(self, task: asyncio.Task) -> None:
@@ -197,26 +265,75 @@ class LocalProvider:
         tmp.replace(self.state_dir / "replicas.json")
 
 
-async def _ready_line(proc: asyncio.subprocess.Process) -> dict | None:
-    """The replica's ready event; None if it exits first. Later output is drained."""
-    assert proc.stdout is not None
-    while True:
-        line = await proc.stdout.readline()
-        if not line:
-            return None
-        if line.startswith(b"{"):
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "ready":
-                asyncio.get_running_loop().create_task(_drain_output(proc))
-                return event
+async def _first_ready(reader: asyncio.StreamReader, exited: asyncio.Future) -> dict | None:
+    """The replica's ready event, or None if the process exits first."""
+
+    async def ready_line() -> dict | None:
+        while line := await reader.readline():
+            if line.startswith(b"{"):
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if event.get("event") == "ready":
+                    return event
+        return None
+
+    reading = asyncio.ensure_future(ready_line())
+    done, _ = await asyncio.wait({reading, exited}, return_when=asyncio.FIRST_COMPLETED)
+    if reading in done:
+        return reading.result()
+    reading.cancel()
+    return None
 
 
-async def _drain_output(proc: asyncio.subprocess.Process) -> None:
-    while proc.stdout is not None and await proc.stdout.readline():
-        pass
+def _fifo_reader(fd: int) -> asyncio.StreamReader:
+    """A StreamReader over a non-blocking FIFO fd (the event loop watches it)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            reader.feed_data(data)
+        else:
+            loop.remove_reader(fd)
+            reader.feed_eof()
+
+    loop.add_reader(fd, readable)
+    reader._cmesh_fd = fd   # noqa: SLF001 - keeps the fd's owner visible when debugging
+    return reader
+
+
+def _watch_exit(pid: int) -> asyncio.Future:
+    """A future that completes when ``pid`` exits, for processes that are not our
+    children (forked by the zygote, or adopted): pidfd where the kernel has it."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        async def poll() -> None:              # kernels before 5.3: no pidfd to wait on
+            while _alive(pid):
+                await asyncio.sleep(0.2)
+            if not done.done():
+                done.set_result(None)
+        loop.create_task(poll())
+        return done
+
+    def exited() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(pidfd, exited)
+    return done
 
 
 async def _serving(address: str | None) -> bool:

@@ -1,0 +1,98 @@
+"""A fork server for model-server replicas: import the heavy libraries once, fork
+each replica from the warm image.
+
+A replica's cold start is mostly importing torch and transformers (~2 s of CPU
+each on this class of machine), and replicas started together compete for the
+same cores. The zygote pays that once, when the provider starts; a forked
+replica starts at model load. Nothing that starts threads is imported before
+forking (no gRPC, no torch ops): gRPC is imported fresh in each child.
+
+Protocol (JSON lines): the provider writes {"argv": [...], "stdout": FIFO, "log":
+PATH, "env": {...}} on the zygote's stdin; the zygote forks and answers
+{"pid": N} (or {"error": "..."}). The child detaches into its own session (it
+must outlive the autoscaler), points stdout at the FIFO, stderr at the log, and
+runs ``python -m model_server`` in-process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+PRELOAD = ("numpy", "torch", "safetensors", "tokenizers", "transformers",
+           "cmesh.config", "cmesh.manifest", "cmesh.tensors", "model_server.engines.base")
+
+
+def preload(model_types: list[str]) -> None:
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    # The auto classes, and the modelling code of every architecture the store
+    # holds (importing BERT's alone costs over a second): here, once.
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    for model_type in model_types:
+        try:
+            importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        except ImportError:
+            pass                                 # not a transformers architecture: nothing to preload
+
+
+def child(request: dict) -> None:
+    """In the forked child: detach, redirect, run the model server, never return."""
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        out = os.open(request["stdout"], os.O_WRONLY)
+        os.dup2(out, 1)
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 2)
+        os.environ.update(request.get("env", {}))
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sys.stdout = os.fdopen(1, "w", buffering=1)
+        sys.stderr = os.fdopen(2, "w", buffering=1)
+        sys.argv = ["model_server", *request["argv"]]
+        from model_server.__main__ import main
+
+        code = main(request["argv"])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:  # noqa: BLE001 - report, then exit the child
+        print(f"replica failed to start: {exc!r}", file=sys.stderr)
+        code = 1
+    os._exit(code or 0)
+
+
+def serve(model_types: list[str]) -> None:
+    preload(model_types)
+    # Forked replicas are reparented to init when they exit after we do; while we
+    # live, reap them so none lingers as a zombie.
+    signal.signal(signal.SIGCHLD, lambda *_: _reap())
+    print(json.dumps({"event": "ready", "pid": os.getpid()}), flush=True)
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+            pid = os.fork()
+        except (ValueError, OSError) as exc:
+            print(json.dumps({"error": str(exc)}), flush=True)
+            continue
+        if pid == 0:
+            child(request)
+        print(json.dumps({"pid": pid}), flush=True)
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+if __name__ == "__main__":
+    serve([t for t in (sys.argv[1] if len(sys.argv) > 1 else "").split(",") if t.isidentifier()])

@@ -1,0 +1,138 @@
+"""Time to the first complete support-agent answer from zero replicas: independent
+per-model warming vs coordinated pre-warming.
+
+    python -m loadtest.bench_coldstart
+
+Every model of the support-agent pipeline starts at zero (the demo config, with
+every pool serverless and min 0). The pipelines service does not exist yet, so
+the chain is driven with sequential ModelInfer calls through the router, as the
+pipeline would run it: intent classifier, embedder, kb-index (top-k on the
+embedding), dialogue LLM (prompt from the passages). Run 1 warms each model
+only when it is first touched; run 2 lets the first touch warm the whole
+pipeline in parallel. Prints one JSON object last: independent_s,
+coordinated_s, ratio, and the per-model load (cold start) times of each run.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from loadtest.common import REPO, emit, write_temp_config
+
+QUESTION = "How do I reset my password?"
+
+
+def bench_config(store: Path, coordinated: bool, autoscaler_port: int) -> dict:
+    data = yaml.safe_load((REPO / "compose" / "mesh.yaml").read_text())
+    data["store"] = str(store)
+    data.pop("tenants", None)                       # the benchmark measures scaling, not auth
+    data.pop("schedules", None)
+    data.setdefault("security", {}).pop("admin_keys_env", None)
+    data["autoscaler"] = {"tick_s": 0.5, "coordinated_prewarm": coordinated, "listen": f"127.0.0.1:{autoscaler_port}"}
+    data["router"] = {"autoscaler": f"127.0.0.1:{autoscaler_port}", "hold_timeout_s": 300}
+    for spec in data["models"].values():
+        spec["deployment"] = {"mode": "serverless", "min_replicas": 0, "max_replicas": 2,
+                              "target_concurrency": 8, "idle_timeout_s": 600}
+    return data
+
+
+def start(args: list[str], env: dict) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen([sys.executable, *args, "--log-level", "WARNING"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env)
+    for line in proc.stdout:
+        if line.startswith("{") and json.loads(line).get("event") == "ready":
+            return proc, json.loads(line)
+    raise RuntimeError(f"{args[1]} did not start")
+
+
+async def chain(address: str) -> float:
+    from cmesh.client import AsyncClient
+
+    client = AsyncClient(address)
+    text = {"text": np.array([QUESTION.encode()], dtype=object)}
+    started = time.monotonic()
+    await client.infer("intent-classifier", text, timeout=300)
+    embedding = (await client.infer("embedder", text, timeout=300)).outputs["embedding"]
+    hits = await client.infer("kb-index", {"embedding": embedding}, parameters={"top_k": 2}, timeout=300)
+    passages = " ".join(p.decode() for p in hits.outputs["passages"][0])
+    prompt = f"Context: {passages}\nCustomer: {QUESTION}\nAgent:"
+    await client.infer("dialogue-llm", {"text_input": np.array([prompt[-1500:].encode()], dtype=object)},
+                       parameters={"max_tokens": 16, "temperature": 0.0}, timeout=300)
+    elapsed = time.monotonic() - started
+    await client.close()
+    return elapsed
+
+
+async def load_times(autoscaler: str) -> dict[str, float]:
+    import grpc
+
+    from protos import mesh_pb2, mesh_pb2_grpc
+
+    async with grpc.aio.insecure_channel(autoscaler) as channel:
+        status = await mesh_pb2_grpc.AutoscalerStub(channel).Status(mesh_pb2.StatusRequest(), timeout=10)
+    return {m.model: round(m.last_cold_start_s, 3) for m in status.models if m.last_cold_start_s}
+
+
+def measure(store: Path, coordinated: bool, port: int, fork_server: bool = True) -> tuple[float, dict[str, float]]:
+    state = Path(tempfile.mkdtemp(prefix="cmesh-coldstart-"))
+    cfg = write_temp_config(bench_config(store, coordinated, port))
+    env = {**os.environ, "CMESH_STATE_DIR": str(state)}
+    procs = []
+    try:
+        scaler, _ = start(["-m", "autoscaler", "--config", str(cfg),
+                           *([] if fork_server else ["--no-fork-server"])], env)
+        procs.append(scaler)
+        router, ready = start(["-m", "router", "--config", str(cfg), "--port", "0"], env)
+        procs.append(router)
+        import uvloop
+
+        elapsed = uvloop.run(chain(f"127.0.0.1:{ready['port']}"))
+        times = uvloop.run(load_times(f"127.0.0.1:{port}"))
+        return elapsed, times
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        cfg.unlink()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench_coldstart", description=__doc__.splitlines()[0])
+    p.add_argument("--store", default=".cmesh/store", help="demo model store (bootstrapped if needed)")
+    p.add_argument("--port", type=int, default=8591, help="autoscaler port for the runs")
+    p.add_argument("--no-fork-server", action="store_true",
+                   help="replicas start as fresh processes (no pre-imported fork server)")
+    args = p.parse_args(argv)
+    from cmesh.bootstrap import bootstrap
+
+    store = Path(args.store).resolve()
+    bootstrap(store, progress=lambda line: print(line, flush=True))
+    fork = not args.no_fork_server
+    independent, ind_times = measure(store, coordinated=False, port=args.port, fork_server=fork)
+    print(f"independent warming: first answer after {independent:.2f}s; load times {ind_times}", flush=True)
+    coordinated, co_times = measure(store, coordinated=True, port=args.port, fork_server=fork)
+    print(f"coordinated pre-warming: first answer after {coordinated:.2f}s; load times {co_times}", flush=True)
+    emit({"independent_s": round(independent, 3), "coordinated_s": round(coordinated, 3),
+          "ratio": round(coordinated / independent, 3), "load_times_independent_s": ind_times,
+          "load_times_coordinated_s": co_times, "fork_server": fork,
+          "driver": "sequential ModelInfer calls (no pipelines service yet)"})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
