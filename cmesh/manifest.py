@@ -1,7 +1,7 @@
 """The ``model.yaml`` manifest in every model-store version directory."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, field_validator

@@ -19,3 +19,28 @@ def process_age() -> float:
         return time.clock_gettime(time.CLOCK_BOOTTIME) - started
     except (OSError, ValueError, IndexError, AttributeError):
         return time.monotonic() - _IMPORTED_AT
+
+
+def spawn_service(module_args: list[str], *, env: dict | None = None, stderr=None, cwd=None,
+                  new_session: bool = False):
+    """Start ``python -m <service> ...`` and wait for its one-line JSON ready event.
+
+    Every cmesh service prints ``{"event": "ready", ...}`` on stdout once it
+    serves; returns (process, that event). Raises RuntimeError if the process
+    exits first."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, *module_args], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            env=env, cwd=cwd, start_new_session=new_session)
+    for line in proc.stdout:
+        if line.startswith("{"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "ready":
+                return proc, event
+    proc.wait()
+    raise RuntimeError(f"{' '.join(module_args[:2])} exited (code {proc.returncode}) before it was ready")

@@ -9,7 +9,6 @@ grace period), so nothing is left running.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -17,15 +16,11 @@ import sys
 import time
 
 from cmesh.config import load_config
+from cmesh.proc import spawn_service
 
 
 def _start(args: list[str]) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([sys.executable, *args, "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    for line in proc.stdout:
-        if line.startswith("{") and json.loads(line).get("event") == "ready":
-            return proc, json.loads(line)
-    raise RuntimeError(f"{args[1]} exited during start-up (see the log above)")
+    return spawn_service([*args, "--log-level", "WARNING"], new_session=True)
 
 
 def _stop(procs: list[subprocess.Popen], grace: float) -> None:
@@ -62,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--autoscaler-port", type=int, default=8500, help="autoscaler gRPC port")
     args = p.parse_args(argv)
     config = load_config(args.config)
-    models = sorted(config.models)
     procs: list[subprocess.Popen] = []
 
     def terminate(signum, frame):           # SIGTERM runs the same clean-up as Ctrl-C

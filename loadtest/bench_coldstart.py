@@ -15,12 +15,9 @@ coordinated_s, ratio, and the per-model load (cold start) times of each run.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from cmesh.proc import spawn_service
 from loadtest.common import REPO, emit, write_temp_config
 
 QUESTION = "How do I reset my password?"
@@ -48,12 +46,7 @@ def bench_config(store: Path, coordinated: bool, autoscaler_port: int) -> dict:
 
 
 def start(args: list[str], env: dict) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([sys.executable, *args, "--log-level", "WARNING"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env)
-    for line in proc.stdout:
-        if line.startswith("{") and json.loads(line).get("event") == "ready":
-            return proc, json.loads(line)
-    raise RuntimeError(f"{args[1]} did not start")
+    return spawn_service([*args, "--log-level", "WARNING"], stderr=subprocess.DEVNULL, cwd=REPO, env=env)
 
 
 async def chain(address: str) -> float:

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from cmesh.proc import spawn_service
 from loadtest.common import REPO, ServerProc, emit, percentile_ms, write_temp_config
 
 
@@ -40,15 +39,9 @@ def identity_store(root: Path) -> None:
 
 class RouterProc:
     def __init__(self, config: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "router", "--config", str(config), "--port", "0",
-                                      "--log-level", "WARNING"], stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, cwd=REPO)
-        for line in self.proc.stdout:
-            if line.startswith("{") and json.loads(line).get("event") == "ready":
-                self.address = f"127.0.0.1:{json.loads(line)['port']}"
-                break
-        else:
-            raise RuntimeError("router exited before it was ready")
+        self.proc, ready = spawn_service(["-m", "router", "--config", str(config), "--port", "0",
+                                          "--log-level", "WARNING"], stderr=subprocess.DEVNULL, cwd=REPO)
+        self.address = f"127.0.0.1:{ready['port']}"
 
     def stop(self) -> None:
         self.proc.terminate()

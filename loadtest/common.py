@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+from cmesh.proc import spawn_service
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,18 +29,11 @@ def write_temp_config(data: dict) -> Path:
 class ServerProc:
     """A `python -m model_server` child; ready once it prints its ready line."""
 
+
     def __init__(self, config: Path, models: list[str], env: dict | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "model_server", "--config", str(config), "--models", ",".join(models),
-             "--port", "0", "--log-level", "WARNING"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
-            env={**os.environ, **(env or {})})
-        for line in self.proc.stdout:
-            if line.startswith("{") and json.loads(line).get("event") == "ready":
-                self.ready = json.loads(line)
-                break
-        else:
-            raise RuntimeError("model server exited before it was ready")
+        self.proc, self.ready = spawn_service(
+            ["-m", "model_server", "--config", str(config), "--models", ",".join(models), "--port", "0",
+             "--log-level", "WARNING"], stderr=subprocess.DEVNULL, cwd=REPO, env={**os.environ, **(env or {})})
         self.address = f"127.0.0.1:{self.ready['port']}"
 
     def stop(self) -> None:

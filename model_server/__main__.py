@@ -32,8 +32,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    import uvloop  # noqa: F401  (installed as the loop policy in main)
-
     from cmesh.config import load_config
     from model_server.server import ModelServer, ServerOptions
 

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from cmesh.client import AsyncClient, build_request
-from cmesh.config import load_config
 from cmesh.errors import component_error_of
-from meshtest import (REPO, ServerProcess, free_port, mesh_config, running_router, running_server, sleep_model,
+from meshtest import (ServerProcess, free_port, mesh_config, running_router, running_server, sleep_model,
                       write_config)
 from router.metering import RedisMeter
 
@@ -52,7 +51,6 @@ async def test_breaker_opens_answers_with_component_error_half_opens_and_closes(
 
 
 async def test_no_retry_once_a_streamed_response_has_started(demo_store, tmp_path) -> None:
-    config = load_config(REPO / "compose" / "mesh.yaml")
     cfg_path = write_config(tmp_path / "mesh.yaml", {"store": str(demo_store), "models": {
         "llm": {"source": "store://tiny-llm/1", "engine": "hf-causal-lm"}}})
     first, second = ServerProcess(cfg_path, ["llm"]), ServerProcess(cfg_path, ["llm"])

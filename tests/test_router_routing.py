@@ -2,7 +2,6 @@
 layer, A/B variants, spill-over, priority, fast-path isolation, hold-and-release."""
 import asyncio
 import json
-import subprocess
 import sys
 from collections import Counter
 

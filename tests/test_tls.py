@@ -20,7 +20,6 @@ from cmesh.config import TLSConfig, parse_config
 from cmesh.tls import add_port, channel_credentials, server_credentials
 from cmesh.validation import ConfigError
 from meshtest import REPO, mesh_config, running_server, sleep_model, write_config
-from pki import Pki
 
 X = {"x": np.full((1, 4), 3.0, dtype=np.float32)}
 CALL_TIMEOUT_S = 10          # a refused handshake fails at once; this only stops a hang
