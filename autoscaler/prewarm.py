@@ -32,7 +32,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from cmesh.config import MeshConfig, NodeConfig, PipelineConfig
+from cmesh.config import MeshConfig, PipelineConfig
 from cmesh.errors import NotFound
 
 _TOKEN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
@@ -73,16 +73,12 @@ def node_dependencies(pipeline: PipelineConfig) -> dict[str, frozenset[str]]:
     """Each node's direct dependencies: ``after`` plus nodes named by its
     ``input`` (``"embed.output"`` → ``embed``; ``request.*`` is the request) and
     by its ``when`` expression."""
-    names = set(pipeline.nodes)
-    deps: dict[str, frozenset[str]] = {}
-    for name, node in pipeline.nodes.items():
-        found = set(node.after)
-        for ref in _references(node):
-            target = _node_of(ref, names)
-            if target is not None and target != name:
-                found.add(target)
-        deps[name] = frozenset(found)
-    return deps
+    from cmesh.pipeline_check import implicit_dependencies
+
+    # One reading of expressions for the whole mesh: the pipeline checker's.
+    implicit = implicit_dependencies(pipeline)
+    return {name: frozenset(set(node.after) | implicit.get(name, set()))
+            for name, node in pipeline.nodes.items()}
 
 
 def models_of_pipeline(config: MeshConfig, pipeline: str) -> list[str]:
@@ -151,27 +147,6 @@ def _pipeline(config: MeshConfig, name: str) -> PipelineConfig:
     except KeyError:
         raise NotFound(f"unknown pipeline {name!r}", pipeline=name) from None
 
-
-def _references(node: NodeConfig) -> list[str]:
-    refs: list[str] = []
-    if isinstance(node.input, str):
-        refs.append(node.input)
-    elif isinstance(node.input, dict):
-        refs.extend(node.input.values())
-    if node.when:
-        # Names inside string literals ('order_status') are values, not nodes.
-        refs.extend(_TOKEN.findall(_QUOTED.sub(" ", node.when)))
-    return refs
-
-
-def _node_of(ref: str, names: set[str]) -> str | None:
-    """The node a reference like ``embed.output`` names (longest matching
-    prefix, since node names may themselves contain dots)."""
-    best = None
-    for name in names:
-        if (ref == name or ref.startswith(name + ".")) and (best is None or len(name) > len(best)):
-            best = name
-    return best
 
 
 def _node_times(deps: Mapping[str, frozenset[str]], cost) -> dict[str, float]:

@@ -261,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=5.0)
     status.set_defaults(func=_cmd_status)
 
+    from cmesh.cli_pipeline import add_parser as add_pipeline_parser
+
+    add_pipeline_parser(sub)
+
     cost = sub.add_parser("cost", help="the cost report by pipeline, tenant, model or variant",
                           description="Print metered requests, errors, tokens, compute seconds and "
                                       "cost. Reads the metering store with --redis (priced by "

@@ -141,6 +141,7 @@ class NodeConfig(Strict):
 
 class PipelineConfig(Strict):
     latency_class: LatencyClass = "interactive"
+    output: str | None = Field(None, description="the node whose output is the answer; default: the last sink")
     nodes: dict[str, NodeConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -152,6 +153,8 @@ class PipelineConfig(Strict):
         order = _topological(self.nodes)
         if order is None:
             raise ValueError("nodes: the graph has a cycle")
+        if self.output is not None and self.output not in self.nodes:
+            raise ValueError(f"output: unknown node {self.output!r}")
         return self
 
 
@@ -344,6 +347,13 @@ class MeshConfig(Strict):
                 if node.fallback is not None and node.fallback not in self.models:
                     raise ValueError(f"pipelines.{pname}.nodes.{nname}.fallback: "
                                      f"unknown model {node.fallback!r}")
+        # Imported here: cmesh.pipeline_check reads this module's types.
+        from cmesh.pipeline_check import validate_pipeline
+
+        for pname, pipe in self.pipelines.items():
+            problems = validate_pipeline(pname, pipe)
+            if problems:
+                raise ValueError(problems[0])
         for i, sched in enumerate(self.schedules):
             if sched.pipeline is not None and sched.pipeline not in self.pipelines:
                 raise ValueError(f"schedules.{i}.pipeline: unknown pipeline {sched.pipeline!r}")

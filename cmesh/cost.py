@@ -79,12 +79,17 @@ def group_key(row: UsageRow, group_by: str) -> str:
     return getattr(row, group_by) or NONE_KEY
 
 
-def price_row(row: UsageRow, config: MeshConfig) -> float:
-    model = config.models.get(row.model)
-    if model is None:
+def price(config: MeshConfig, model: str, compute_s: float, tokens: int) -> float:
+    """What one use of ``model`` costs: its compute share at the replica-second
+    price plus its tokens at the per-1k price (unknown models cost 0)."""
+    spec = config.models.get(model)
+    if spec is None:
         return 0.0
-    tokens = row.input_tokens + row.output_tokens
-    return row.compute_s * model.price.replica_second + tokens / 1000 * model.price.per_1k_tokens
+    return compute_s * spec.price.replica_second + tokens / 1000 * spec.price.per_1k_tokens
+
+
+def price_row(row: UsageRow, config: MeshConfig) -> float:
+    return price(config, row.model, row.compute_s, row.input_tokens + row.output_tokens)
 
 
 def _sort_key(row: UsageRow) -> tuple:

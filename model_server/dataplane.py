@@ -27,6 +27,12 @@ P_FINAL = "triton_final_response"     # Triton's marker of a stream's last respo
 P_TIMEOUT_MS = "cmesh-timeout-ms"     # the caller's remaining deadline, for calls on a shared stream
 
 
+def _count_caller(metrics, parameters: dict[str, Any]) -> None:
+    """Which pipeline and latency class each request came with (routers stamp both)."""
+    metrics.caller(str(parameters.get("cmesh-pipeline-id") or ""),
+                   str(parameters.get("cmesh-latency-class") or ""))
+
+
 def _remaining_s(parameters: dict[str, Any]) -> float | None:
     """The deadline a router propagated as remaining time (gRPC's own deadline only
     covers a whole stream, not one request multiplexed onto it)."""
@@ -77,6 +83,7 @@ class DataPlane:
     async def infer(self, request: InferRequest) -> InferResponse:
         variant = self.repository.variant(request.model, request.version)
         metrics = variant.metrics
+        _count_caller(metrics, request.parameters)
         try:
             item = self._prepare(variant, request)
             timeout = _remaining_s(request.parameters)
@@ -102,6 +109,7 @@ class DataPlane:
         """Pieces of one answer; the last carries the accounting parameters."""
         variant = self.repository.variant(request.model, request.version)
         metrics = variant.metrics
+        _count_caller(metrics, request.parameters)
         try:
             item = self._prepare(variant, request)
         except MeshError as exc:

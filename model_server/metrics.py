@@ -26,6 +26,9 @@ class ServerMetrics:
                                        labels, buckets=TIME_BUCKETS, registry=r)
         self.requests = Counter("cmesh_model_requests_total", "Requests by final status",
                                 labels + ("status",), registry=r)
+        self.by_pipeline = Counter("cmesh_model_pipeline_requests_total",
+                                   "Requests by the pipeline and latency class they came with",
+                                   labels + ("pipeline", "latency_class"), registry=r)
         self.tokens = Counter("cmesh_model_tokens_total", "Tokens processed",
                               labels + ("direction",), registry=r)
         self.load_seconds = Gauge("cmesh_model_load_seconds", "Time to load and warm the model",
@@ -57,6 +60,9 @@ class ModelMetrics:
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)
         self.compute_seconds.observe(seconds)
+
+    def caller(self, pipeline: str, latency_class: str) -> None:
+        self._m.by_pipeline.labels(*self._labels, pipeline, latency_class).inc()
 
     def count(self, status: str) -> None:
         self._m.requests.labels(*self._labels, status).inc()

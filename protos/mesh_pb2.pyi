@@ -230,3 +230,152 @@ class StatusResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
     devices: _containers.RepeatedCompositeFieldContainer[DeviceStatus]
     def __init__(self, leader: _Optional[bool] = ..., endpoint_version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ...) -> None: ...
+
+class RunRequest(_message.Message):
+    __slots__ = ("pipeline", "inputs", "request_id", "session")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    pipeline: str
+    inputs: _containers.ScalarMap[str, str]
+    request_id: str
+    session: str
+    def __init__(self, pipeline: _Optional[str] = ..., inputs: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
+
+class NodeTrace(_message.Message):
+    __slots__ = ("node", "model", "variant", "status", "start_ms", "end_ms", "queue_ms", "cold_start_ms", "compute_ms", "network_ms", "critical", "error", "input_tokens", "output_tokens", "cost", "model_used")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    END_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    COLD_START_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_MS_FIELD_NUMBER: _ClassVar[int]
+    CRITICAL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    MODEL_USED_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    model: str
+    variant: str
+    status: str
+    start_ms: float
+    end_ms: float
+    queue_ms: float
+    cold_start_ms: float
+    compute_ms: float
+    network_ms: float
+    critical: bool
+    error: str
+    input_tokens: int
+    output_tokens: int
+    cost: float
+    model_used: str
+    def __init__(self, node: _Optional[str] = ..., model: _Optional[str] = ..., variant: _Optional[str] = ..., status: _Optional[str] = ..., start_ms: _Optional[float] = ..., end_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., cold_start_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., critical: _Optional[bool] = ..., error: _Optional[str] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost: _Optional[float] = ..., model_used: _Optional[str] = ...) -> None: ...
+
+class Trace(_message.Message):
+    __slots__ = ("request_id", "pipeline", "total_ms", "nodes", "critical_path")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    CRITICAL_PATH_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    pipeline: str
+    total_ms: float
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeTrace]
+    critical_path: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., pipeline: _Optional[str] = ..., total_ms: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeTrace, _Mapping]]] = ..., critical_path: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RunResponse(_message.Message):
+    __slots__ = ("pipeline", "answer", "outputs_json", "trace", "cost", "degraded")
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    pipeline: str
+    answer: str
+    outputs_json: str
+    trace: Trace
+    cost: float
+    degraded: bool
+    def __init__(self, pipeline: _Optional[str] = ..., answer: _Optional[str] = ..., outputs_json: _Optional[str] = ..., trace: _Optional[_Union[Trace, _Mapping]] = ..., cost: _Optional[float] = ..., degraded: _Optional[bool] = ...) -> None: ...
+
+class NodeStarted(_message.Message):
+    __slots__ = ("node", "model", "at_ms")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    model: str
+    at_ms: float
+    def __init__(self, node: _Optional[str] = ..., model: _Optional[str] = ..., at_ms: _Optional[float] = ...) -> None: ...
+
+class RunEvent(_message.Message):
+    __slots__ = ("node_started", "node_finished", "token", "final")
+    NODE_STARTED_FIELD_NUMBER: _ClassVar[int]
+    NODE_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    node_started: NodeStarted
+    node_finished: NodeTrace
+    token: str
+    final: RunResponse
+    def __init__(self, node_started: _Optional[_Union[NodeStarted, _Mapping]] = ..., node_finished: _Optional[_Union[NodeTrace, _Mapping]] = ..., token: _Optional[str] = ..., final: _Optional[_Union[RunResponse, _Mapping]] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ("pipeline",)
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    pipeline: str
+    def __init__(self, pipeline: _Optional[str] = ...) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node", "model", "depends_on", "when", "optional", "fallback", "timeout_ms", "stream", "level")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEPENDS_ON_FIELD_NUMBER: _ClassVar[int]
+    WHEN_FIELD_NUMBER: _ClassVar[int]
+    OPTIONAL_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    model: str
+    depends_on: _containers.RepeatedScalarFieldContainer[str]
+    when: str
+    optional: bool
+    fallback: str
+    timeout_ms: int
+    stream: bool
+    level: int
+    def __init__(self, node: _Optional[str] = ..., model: _Optional[str] = ..., depends_on: _Optional[_Iterable[str]] = ..., when: _Optional[str] = ..., optional: _Optional[bool] = ..., fallback: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., stream: _Optional[bool] = ..., level: _Optional[int] = ...) -> None: ...
+
+class DescribeResponse(_message.Message):
+    __slots__ = ("pipeline", "latency_class", "output", "nodes", "drawing")
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_CLASS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    DRAWING_FIELD_NUMBER: _ClassVar[int]
+    pipeline: str
+    latency_class: str
+    output: str
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
+    drawing: str
+    def __init__(self, pipeline: _Optional[str] = ..., latency_class: _Optional[str] = ..., output: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., drawing: _Optional[str] = ...) -> None: ...

@@ -317,3 +317,170 @@ class Admin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class PipelinesStub:
+    """---------------------------------------------------------------------------
+    Pipelines: compound requests over the mesh's models (served by the router).
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Run = channel.unary_unary(
+                '/cmesh.v1.Pipelines/Run',
+                request_serializer=protos_dot_mesh__pb2.RunRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.RunResponse.FromString,
+                _registered_method=True)
+        self.RunStream = channel.unary_stream(
+                '/cmesh.v1.Pipelines/RunStream',
+                request_serializer=protos_dot_mesh__pb2.RunRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.RunEvent.FromString,
+                _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/cmesh.v1.Pipelines/Describe',
+                request_serializer=protos_dot_mesh__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.DescribeResponse.FromString,
+                _registered_method=True)
+
+
+class PipelinesServicer:
+    """---------------------------------------------------------------------------
+    Pipelines: compound requests over the mesh's models (served by the router).
+
+    """
+
+    def Run(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunStream(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Describe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PipelinesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Run': grpc.unary_unary_rpc_method_handler(
+                    servicer.Run,
+                    request_deserializer=protos_dot_mesh__pb2.RunRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.RunResponse.SerializeToString,
+            ),
+            'RunStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunStream,
+                    request_deserializer=protos_dot_mesh__pb2.RunRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.RunEvent.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=protos_dot_mesh__pb2.DescribeRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.DescribeResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cmesh.v1.Pipelines', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cmesh.v1.Pipelines', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Pipelines:
+    """---------------------------------------------------------------------------
+    Pipelines: compound requests over the mesh's models (served by the router).
+
+    """
+
+    @staticmethod
+    def Run(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cmesh.v1.Pipelines/Run',
+            protos_dot_mesh__pb2.RunRequest.SerializeToString,
+            protos_dot_mesh__pb2.RunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cmesh.v1.Pipelines/RunStream',
+            protos_dot_mesh__pb2.RunRequest.SerializeToString,
+            protos_dot_mesh__pb2.RunEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cmesh.v1.Pipelines/Describe',
+            protos_dot_mesh__pb2.DescribeRequest.SerializeToString,
+            protos_dot_mesh__pb2.DescribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

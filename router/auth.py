@@ -75,12 +75,15 @@ class Gate:
         self.config = config
         self.limiter = limiter
 
-    def admit(self, principal: Principal, model: str, now: float, claimed_tenant: str = "") -> None:
-        if claimed_tenant and claimed_tenant != principal.tenant and not principal.admin:
-            raise PermissionDenied(f"API key of tenant {principal.tenant!r} cannot act for {claimed_tenant!r}")
+    def check_model(self, principal: Principal, model: str) -> None:
         allowed = self.config.models[model].tenants if model in self.config.models else None
         if allowed is not None and principal.tenant not in allowed and not principal.admin:
             raise PermissionDenied(f"tenant {principal.tenant!r} may not call {model!r}", component=model)
+
+    def admit(self, principal: Principal, model: str, now: float, claimed_tenant: str = "") -> None:
+        if claimed_tenant and claimed_tenant != principal.tenant and not principal.admin:
+            raise PermissionDenied(f"API key of tenant {principal.tenant!r} cannot act for {claimed_tenant!r}")
+        self.check_model(principal, model)
         if principal.tenant in self.config.tenants and not self.limiter.try_take(principal.tenant, now):
             raise ResourceExhausted(f"tenant {principal.tenant!r} is over its rate limit",
                                     retry_after_ms=self.limiter.retry_after_ms(principal.tenant, now))

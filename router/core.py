@@ -43,6 +43,8 @@ P_SESSION = "cmesh-session"
 P_TIMEOUT_MS = "cmesh-timeout-ms"
 P_COLLECT = "cmesh-collect"
 P_ATTEMPTS = "cmesh-attempts"
+P_ROUTER_QUEUE_MS = "cmesh-router-queue-ms"   # time queued in the router before dispatch
+P_COLD_START_MS = "cmesh-cold-start-ms"       # of which: held for a first replica
 # A replica timing out this close to the caller's deadline ran out of the caller's
 # time, not its own: it is not held against the replica or the component.
 DEADLINE_SLACK_S = 0.005
@@ -190,12 +192,13 @@ class RouterCore:
             try:
                 if streaming:
                     async for response in path.stream(request, remaining):
+                        if not started:
+                            self._stamp(response, lease, attempt)
                         started = True
                         yield response
                 else:
                     response = await path.call_once(request, remaining)
-                    if attempt:
-                        set_param(response.parameters, P_ATTEMPTS, attempt + 1)
+                    self._stamp(response, lease, attempt)
                     yield response
                 self.outliers.on_success(lease.replica.id)
                 return
@@ -222,6 +225,15 @@ class RouterCore:
                 lease.release()
 
     # -- bookkeeping ----------------------------------------------------------------
+
+    @staticmethod
+    def _stamp(response: pb.ModelInferResponse, lease: Lease, attempt: int) -> None:
+        """Router-side timings for traces: queue wait, and how much of it was a cold start."""
+        set_param(response.parameters, P_ROUTER_QUEUE_MS, lease.queue_s * 1000.0)
+        if lease.held:
+            set_param(response.parameters, P_COLD_START_MS, lease.queue_s * 1000.0)
+        if attempt:
+            set_param(response.parameters, P_ATTEMPTS, attempt + 1)
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}-{next(self._id_counter):x}"

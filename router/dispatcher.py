@@ -42,6 +42,7 @@ class Ticket:
     entry: QueueEntry | None = None
     queued_at: float = 0.0
     timer: asyncio.TimerHandle | None = None
+    held: bool = False                       # waited while the model had no replica (cold start)
 
 
 @dataclass(eq=False)
@@ -51,6 +52,7 @@ class Lease:
     queue_s: float
     _release: Callable[["Lease"], None]
     released: bool = False
+    held: bool = False                       # the wait was for a first replica
 
     def release(self) -> None:
         if not self.released:
@@ -194,9 +196,11 @@ class ModelDispatcher:
         self.metrics.dispatched(self.model, replica.pool, choice.spilled, now - ticket.queued_at,
                                 ticket.latency_class)
         return Lease(replica=replica, spilled=choice.spilled, queue_s=now - ticket.queued_at,
-                     _release=self._release)
+                     _release=self._release, held=ticket.held)
 
     def _hold(self) -> None:
+        for entry in self.queue:                 # their wait is a cold start, not queueing
+            entry.payload.held = True
         if not self._holding:
             self._holding = True
             self.metrics.cold_start_wait(self.model)

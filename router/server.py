@@ -92,6 +92,11 @@ class RouterServer:
         describer = Describer(self.core, ModelStore(self.config.store))
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             RouterServicer(self.core, door, self.health, describer), self._server)
+        from router.pipelines.metrics import PipelineMetrics
+        from router.pipelines.service import PipelinesServicer
+
+        mesh_pb2_grpc.add_PipelinesServicer_to_server(
+            PipelinesServicer(self.core, door, PipelineMetrics(self.metrics.registry)), self._server)
         mesh_pb2_grpc.add_AdminServicer_to_server(
             AdminGate(AdminServicer(self.meter, self.config), self.auth), self._server)
         health_servicer = health.aio.HealthServicer()

@@ -68,16 +68,19 @@ async def until(predicate, what: str, timeout: float = 60.0, step: float = 0.1):
 
 
 def live_pids(state_dir) -> list[int]:
-    pids = []
-    for line in subprocess.run(["pgrep", "-f", "model_server --config"], capture_output=True,
-                               text=True).stdout.split():
-        try:
-            environ = open(f"/proc/{line}/cmdline").read()
-        except OSError:
-            continue
-        if str(state_dir.parent) in environ or "mesh.yaml" in environ:
-            pids.append(int(line))
-    return pids
+    """Processes the local provider started (replicas and its fork server) that still run."""
+    log = state_dir / "processes.log"
+    pids = [int(line.split()[1]) for line in log.read_text().splitlines()] if log.exists() else []
+    assert pids, "the provider recorded no process at all"
+    return [pid for pid in pids if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.fixture()

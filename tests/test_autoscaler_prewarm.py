@@ -89,22 +89,20 @@ def test_implicit_dependencies_from_input_and_when() -> None:
     assert levels == {"b": 1, "c": 2, "d": 3}
 
 
-def test_dotted_node_names_match_the_longest_prefix() -> None:
+def test_references_read_as_node_then_output_as_the_expression_language_does() -> None:
     cfg = graph({
         "x": {"model": "a"},
-        "x.y": {"model": "b"},
-        "z": {"model": "c", "input": "x.y.output"},
+        "z": {"model": "c", "input": "x.y.output"},      # node x, its output y
     })
-    assert node_dependencies(cfg.pipelines["p"])["z"] == {"x.y"}
+    assert node_dependencies(cfg.pipelines["p"])["z"] == {"x"}
 
 
-def test_implicit_cycle_does_not_hang() -> None:
-    cfg = graph({
-        "p1": {"model": "a", "input": "p2.output"},
-        "p2": {"model": "b", "after": ["p1"]},
-    })
-    plan = warm_plan(cfg, "a")
-    assert plan.models == ["b"]
+def test_implicit_cycle_is_refused_at_load() -> None:
+    # A cycle through expressions never reaches the planner: config loading refuses it.
+    from cmesh.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="cycle"):
+        graph({"p1": {"model": "a", "input": "p2.output"}, "p2": {"model": "b", "after": ["p1"]}})
 
 
 def test_a_model_in_two_pipelines_takes_its_earliest_need() -> None:

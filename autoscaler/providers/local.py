@@ -99,6 +99,7 @@ class LocalProvider:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=open(self.state_dir / "logs" / "zygote.log", "ab"),
             env=self._env)
+        self._record_process("fork-server", self._zygote.pid)
         line = await self._zygote.stdout.readline()
         if not line.startswith(b'{"event": "ready"'):
             log.warning("replica fork server did not start; starting replicas as plain processes")
@@ -183,7 +184,7 @@ class LocalProvider:
             fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
             try:
                 pid = await self._fork(argv, fifo, log_path)
-                exited = _watch_exit(pid)
+                exited = self._started(handle, pid, _watch_exit(pid))
                 ready = await _first_ready(_fifo_reader(fd), exited)
             finally:
                 asyncio.get_running_loop().remove_reader(fd)
@@ -194,16 +195,15 @@ class LocalProvider:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "model_server", *argv, stdout=asyncio.subprocess.PIPE,
                     stderr=log_file, env=self._env, start_new_session=True)
-            pid = proc.pid
-            exited = asyncio.ensure_future(proc.wait())
+            exited = self._started(handle, proc.pid, asyncio.ensure_future(proc.wait()))
             ready = await _first_ready(proc.stdout, exited)
-        handle.info["pid"] = pid
-        handle.info["exited"] = exited
         if ready is None:
             log.error("replica %s exited during start-up; see %s", handle.id, log_path)
             self._forget(handle)
             return
         if handle.state == "draining":         # scaled down while it was warming
+            await self._stop_process(handle)
+            self._forget(handle)
             return
         handle.address = f"{self.advertise_host}:{ready['port']}"
         handle.cold_start_s = ready.get("cold_start_s")
@@ -223,25 +223,43 @@ class LocalProvider:
         self._changed()                         # out of the endpoint table: routers stop sending
         if notice_s:
             await asyncio.sleep(notice_s)
-        pid = handle.info.get("pid")
-        if pid and _alive(pid):
-            exited = handle.info.get("exited") or _watch_exit(pid)
-            _signal(pid, signal.SIGTERM)        # NOT_SERVING, finish in-flight work, exit
-            grace = self.grace_s + self.config.server.drain_delay_s + 2.0
-            try:
-                await asyncio.wait_for(asyncio.shield(exited), timeout=grace)
-            except TimeoutError:
-                pass
-            if _alive(pid):
-                log.warning("replica %s did not stop within the grace period; SIGKILL", handle.id)
-                _signal(pid, signal.SIGKILL)
+        if handle.info.get("pid") is None:
+            return                              # not started yet: _run stops it once it has a pid
+        await self._stop_process(handle)
         self._forget(handle)
+
+    async def _stop_process(self, handle: ReplicaHandle) -> None:
+        """SIGTERM (the replica drains itself), then SIGKILL after the grace period."""
+        pid = handle.info.get("pid")
+        if not pid or not _alive(pid):
+            return
+        exited = handle.info.get("exited") or _watch_exit(pid)
+        _signal(pid, signal.SIGTERM)            # NOT_SERVING, finish in-flight work, exit
+        grace = self.grace_s + self.config.server.drain_delay_s + 2.0
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), timeout=grace)
+        except TimeoutError:
+            pass
+        if _alive(pid):
+            log.warning("replica %s did not stop within %.1fs; SIGKILL", handle.id, grace)
+            _signal(pid, signal.SIGKILL)
 
     async def _watch_adopted(self, handle: ReplicaHandle) -> None:
         await handle.info["exited"]
         if handle.state != "draining":
             log.warning("adopted replica %s of %s exited", handle.id, handle.model)
             self._forget(handle)
+
+    def _started(self, handle: ReplicaHandle, pid: int, exited: asyncio.Future) -> asyncio.Future:
+        handle.info["pid"], handle.info["exited"] = pid, exited
+        self._record_process("replica", pid)
+        return exited
+
+    def _record_process(self, kind: str, pid: int) -> None:
+        """Every process this provider starts, for operators (and tests) to check
+        that nothing outlives a clean shutdown."""
+        with open(self.state_dir / "processes.log", "a") as fh:
+            fh.write(f"{kind} {pid}\n")
 
     def _forget(self, handle: ReplicaHandle) -> None:
         if self._replicas.pop(handle.id, None) is not None:

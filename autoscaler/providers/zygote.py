@@ -66,7 +66,24 @@ def child(request: dict) -> None:
     os._exit(code or 0)
 
 
+def die_with_parent() -> None:
+    """The fork server only serves the autoscaler that started it: if that dies
+    (even by SIGKILL), go too. Replicas forked earlier do not inherit this and
+    keep serving - a new autoscaler adopts them."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)           # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return                                   # not Linux: the autoscaler closes our stdin instead
+    if os.getppid() != parent:                  # the parent died before prctl took effect
+        sys.exit(0)
+
+
 def serve(model_types: list[str]) -> None:
+    die_with_parent()
     preload(model_types)
     # Forked replicas are reparented to init when they exit after we do; while we
     # live, reap them so none lingers as a zombie.

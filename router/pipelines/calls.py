@@ -1,0 +1,117 @@
+"""How a pipeline node calls a model: through the router core, like any client.
+
+So every node call gets the router's queueing by latency class, spill-over,
+breakers, retries and metering - attributed to the pipeline, once per node (each
+node has its own request id, ``<request id>/<node>``).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cmesh.client import build_request
+from cmesh.config import MeshConfig, NodeConfig
+from cmesh.errors import InvalidInput
+from cmesh.expr import ExprError, evaluate, parse
+from cmesh.pipeline_check import render_params
+from cmesh.manifest import Manifest
+from cmesh.store import ModelStore
+from cmesh.tensors import decode_outputs, decode_parameters
+from router.auth import Principal
+from router.core import CallContext, RouterCore
+from router.pipelines.values import from_outputs, to_tensor
+
+
+class ManifestCache:
+    """Input specs of each model (its default variant's manifest), read once."""
+
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.store = ModelStore(config.store)
+        self._manifests: dict[str, Manifest] = {}
+
+    async def get(self, model: str) -> Manifest:
+        if model not in self._manifests:
+            cfg = self.config.models[model]
+            source = cfg.variant_sources()[cfg.default_variant()].source
+            self._manifests[model] = (await asyncio.to_thread(self.store.open, source)).manifest
+        return self._manifests[model]
+
+
+class NodeCaller:
+    def __init__(self, core: RouterCore, manifests: ManifestCache, *, pipeline: str, latency_class: str,
+                 principal: Principal, request_id: str, session: str = "",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.core = core
+        self.manifests = manifests
+        self.pipeline = pipeline
+        self.latency_class = latency_class
+        self.principal = principal
+        self.request_id = request_id
+        self.session = session
+        self._now = clock
+
+    async def __call__(self, node: str, config: NodeConfig, model: str, env: dict[str, Any], deadline: float,
+                       on_token: Callable[[str], Any] | None = None):
+        from router.pipelines.executor import NodeResult
+
+        manifest = await self.manifests.get(model)
+        inputs = self._inputs(node, config, manifest, env)
+        try:
+            params = render_params(config.params, env)     # every string inside, nested too
+        except ExprError as exc:
+            raise InvalidInput("params", str(exc), node=node, pipeline=self.pipeline) from None
+        request = build_request(model, inputs, parameters=params)
+        ctx = CallContext(principal=self.principal, pipeline=self.pipeline, latency_class=self.latency_class,
+                          session=self.session, request_id=f"{self.request_id}/{node}", deadline=deadline)
+        pieces: list[str] = []
+        final = None
+        if on_token is not None:
+            async for response in self.core.stream(ctx, request):
+                final = response
+                for piece in decode_outputs(response).values():
+                    text = "".join(v.decode("utf-8", errors="replace") for v in piece.reshape(-1))
+                    pieces.append(text)
+                    result = on_token(text)
+                    if asyncio.iscoroutine(result):
+                        await result
+            outputs = {manifest.outputs[0].name: "".join(pieces), "output": "".join(pieces)}
+        else:
+            final = await self.core.infer(ctx, request)
+            outputs = from_outputs(decode_outputs(final))
+        p = decode_parameters(final.parameters) if final is not None else {}
+        cold = float(p.get("cmesh-cold-start-ms", 0.0) or 0.0)
+        queue = float(p.get("cmesh-router-queue-ms", 0.0) or 0.0) - cold + float(p.get("cmesh-queue-ms", 0.0) or 0.0)
+        return NodeResult(outputs=outputs, queue_ms=max(0.0, queue), cold_start_ms=cold,
+                          compute_ms=float(p.get("cmesh-compute-ms", 0.0) or 0.0),
+                          input_tokens=int(p.get("cmesh-input-tokens", 0) or 0),
+                          output_tokens=int(p.get("cmesh-output-tokens", 0) or 0),
+                          variant=final.model_version if final is not None else "", model_used=model)
+
+    def _inputs(self, node: str, config: NodeConfig, manifest: Manifest, env: dict[str, Any]) -> dict:
+        specs = {s.name: s for s in manifest.inputs}
+        if isinstance(config.input, dict):
+            raw = {name: self._value(node, f"input.{name}", expr, env) for name, expr in config.input.items()}
+        elif config.input is not None:
+            raw = {manifest.inputs[0].name: self._value(node, "input", config.input, env)}
+        else:
+            raw = {manifest.inputs[0].name: env["request"].get("text")}
+        tensors = {}
+        for name, value in raw.items():
+            if name not in specs:
+                raise InvalidInput(f"input.{name}", f"model {config.model!r} has no input {name!r}; it takes "
+                                                    f"{sorted(specs)}", node=node, pipeline=self.pipeline)
+            if value is None and specs[name].optional:
+                continue
+            tensors[name] = to_tensor(specs[name], value, node=node, pipeline=self.pipeline)
+        return tensors
+
+    def _value(self, node: str, field: str, expr: Any, env: dict[str, Any]) -> Any:
+        if not isinstance(expr, str):
+            return expr                          # a literal from YAML (number, bool)
+        try:
+            return evaluate(parse(expr), env)
+        except ExprError as exc:
+            raise InvalidInput(field, str(exc), node=node, pipeline=self.pipeline) from None

@@ -1,0 +1,143 @@
+"""cmesh.v1.Pipelines served by the router: Run, RunStream, Describe.
+
+Thin: who is calling (the router's front door), then the transport-agnostic
+executor with node calls that go through the router core, then the answer, the
+trace with its critical path, and the cost of every node.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from cmesh.cost import price
+from cmesh.errors import InvalidInput, MeshError, NotFound, abort_with
+from cmesh.rpc import guarded
+from protos import mesh_pb2, mesh_pb2_grpc
+from router.pipelines.calls import ManifestCache, NodeCaller
+from router.pipelines.executor import PipelineExecutor
+from router.pipelines.graph import PipelineGraph
+from router.pipelines.metrics import PipelineMetrics
+from router.pipelines.trace import share_of_critical_path
+from router.servicer import answer_margin_s
+
+log = logging.getLogger(__name__)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    return value
+
+
+class PipelinesServicer(mesh_pb2_grpc.PipelinesServicer):
+    def __init__(self, core, door, metrics: PipelineMetrics, clock=time.monotonic) -> None:
+        self.core = core
+        self.door = door
+        self.metrics = metrics
+        self._now = clock
+        self.manifests = ManifestCache(core.config)
+        self.graphs = {name: PipelineGraph.build(name, cfg) for name, cfg in core.config.pipelines.items()}
+
+    def _graph(self, name: str) -> PipelineGraph:
+        graph = self.graphs.get(name)
+        if graph is None:
+            raise NotFound(f"unknown pipeline {name!r}; pipelines: {sorted(self.graphs)}", pipeline=name)
+        return graph
+
+    def _prepare(self, request: mesh_pb2.RunRequest, context):
+        graph = self._graph(request.pipeline)
+        if "text" in request.inputs and not request.inputs["text"].strip():
+            raise InvalidInput("inputs.text", "must not be empty", pipeline=request.pipeline)
+        principal = self.door.principal(context)
+        now = self._now()
+        # One admission (rate limit) per pipeline request; model rights for every node.
+        for i, (node, cfg) in enumerate(graph.config.nodes.items()):
+            self.door.gate.admit(principal, cfg.model, now) if i == 0 else \
+                self.door.gate.check_model(principal, cfg.model)
+        remaining = context.time_remaining()
+        if remaining is None or remaining > 1e9:
+            remaining = self.core.config.router.default_timeout_s
+        else:
+            remaining -= answer_margin_s(remaining)
+        caller = NodeCaller(self.core, self.manifests, pipeline=request.pipeline,
+                            latency_class=graph.config.latency_class, principal=principal,
+                            request_id=request.request_id or uuid.uuid4().hex, session=request.session)
+        return graph, caller, now + remaining
+
+    async def _execute(self, request, context, events=None, stream: bool = False) -> mesh_pb2.RunResponse:
+        graph, caller, deadline = self._prepare(request, context)
+        executor = PipelineExecutor(graph, caller, clock=self._now)
+        status = "OK"
+        try:
+            outcome = await executor.run(dict(request.inputs), deadline, events=events, stream=stream)
+        except MeshError as exc:
+            status = exc.code.name
+            raise
+        finally:
+            trace = executor.trace()
+            self.metrics.observe(request.pipeline, status, trace.total_ms, trace.nodes,
+                                 share_of_critical_path(trace))
+        return self._response(request, graph, outcome, trace)
+
+    def _response(self, request, graph, outcome, trace) -> mesh_pb2.RunResponse:
+        config = self.core.config
+        total = 0.0
+        for n in trace.nodes:
+            n.cost = price(config, n.model_used or n.model, n.compute_ms / 1000.0, n.input_tokens + n.output_tokens)
+            total += n.cost
+        trace.request_id = request.request_id
+        return mesh_pb2.RunResponse(pipeline=request.pipeline, answer=str(outcome.answer or ""),
+                                    outputs_json=json.dumps(_jsonable(outcome.outputs), default=str),
+                                    trace=trace, cost=total, degraded=outcome.degraded)
+
+    @guarded
+    async def Run(self, request, context):
+        return await self._execute(request, context)
+
+    async def RunStream(self, request, context) -> AsyncIterator[mesh_pb2.RunEvent]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: mesh_pb2.RunEvent) -> None:
+            queue.put_nowait(event)
+
+        async def run() -> None:
+            try:
+                final = await self._execute(request, context, events=emit, stream=True)
+                queue.put_nowait(mesh_pb2.RunEvent(final=final))
+            except MeshError as exc:
+                queue.put_nowait(exc)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("pipeline stream failed")
+                from cmesh.errors import Internal
+
+                queue.put_nowait(Internal(f"internal error: {exc}", pipeline=request.pipeline))
+            finally:
+                queue.put_nowait(None)
+
+        task = asyncio.create_task(run())
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, MeshError):
+                    await abort_with(context, item)
+                    return
+                yield item
+        finally:
+            task.cancel()
+
+    @guarded
+    async def Describe(self, request, context):
+        self.door.principal(context)
+        return self._graph(request.pipeline).describe()
