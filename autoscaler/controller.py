@@ -51,6 +51,8 @@ class Controller:
         self._refused: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._publish_pending = False
+        self._replica_s: dict[str, float] = {}   # ready replica-seconds per model (capacity paid for)
+        self._accounted_at = clock()
         provider.subscribe(self._on_replicas_changed)
 
     # -- inputs ---------------------------------------------------------------------
@@ -183,6 +185,11 @@ class Controller:
 
     def _observe(self) -> None:
         replicas = self.provider.replicas()
+        now = self._now()
+        elapsed, self._accounted_at = now - self._accounted_at, now
+        for r in replicas:
+            if r.state == "ready":
+                self._replica_s[r.model] = self._replica_s.get(r.model, 0.0) + elapsed
         self.metrics.observe_replicas(replicas)
         for usage in self._utilisation(replicas):
             self.metrics.device_used.labels(usage.name).set(usage.used_mb)
@@ -203,6 +210,7 @@ class Controller:
                                  queue_depth=int(latest.get("concurrency", 0)), held=self.window.held(model, now),
                                  panic=bool(getattr(decision, "panic", False)),
                                  last_decision=self._refused.get(model) or getattr(decision, "reason", ""))
+            ms.replica_seconds = self._replica_s.get(model, 0.0)
             ms.desired_dedicated = getattr(decision, "desired_dedicated", 0)
             ms.desired_serverless = getattr(decision, "desired_serverless", 0)
             for r in sorted((r for r in replicas if r.model == model), key=lambda h: h.id):

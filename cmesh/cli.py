@@ -173,8 +173,50 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     report = from_redis(redis_url) if redis_url else from_router(router)
     if report is None:
         return 1
-    print(json.dumps(to_json(report), indent=2) if args.json else format_table(report))
+    idle = None
+    if args.autoscaler:
+        # Idle capacity: replica time the autoscaler ran, minus compute requests used.
+        replica_s = _replica_seconds(args.autoscaler, args.timeout)
+        if replica_s is None:
+            return 1
+        if args.by != "model":
+            args.by = "model"
+            by_model = from_redis(redis_url) if redis_url else from_router(router)
+            if by_model is None:
+                return 1
+        else:
+            by_model = report
+        from cmesh.config import load_config
+        from cmesh.cost import idle_capacity
+
+        idle = idle_capacity(replica_s, {line.key: line.compute_s for line in by_model.rows},
+                             load_config(args.config))
+    if args.json:
+        out = to_json(report)
+        if idle is not None:
+            out["idle_capacity"] = [vars(line) for line in idle]
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_table(report))
+        if idle is not None:
+            from cmesh.cost import format_idle
+
+            print("\n" + format_idle(idle))
     return 0
+
+
+def _replica_seconds(address: str, timeout: float) -> dict[str, float] | None:
+    import grpc
+
+    from protos import mesh_pb2, mesh_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            status = mesh_pb2_grpc.AutoscalerStub(channel).Status(mesh_pb2.StatusRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        print(f"error: autoscaler {address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return None
+    return {m.model: m.replica_seconds for m in status.models}
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -274,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--by", default="pipeline", choices=["pipeline", "tenant", "model", "variant"],
                       help="group rows by this (default pipeline; variant groups by model:variant)")
     cost.add_argument("--json", action="store_true", help="machine-readable output")
+    cost.add_argument("--autoscaler", default=None, metavar="HOST:PORT",
+                      help="also show idle capacity: replica time the autoscaler ran that no request used")
     cost.add_argument("--config", default=DEFAULT_CONFIG,
                       help=f"mesh.yaml with the prices, used with --redis (default {DEFAULT_CONFIG})")
     source = cost.add_mutually_exclusive_group()

@@ -88,6 +88,38 @@ def price(config: MeshConfig, model: str, compute_s: float, tokens: int) -> floa
     return compute_s * spec.price.replica_second + tokens / 1000 * spec.price.per_1k_tokens
 
 
+@dataclass(frozen=True)
+class IdleLine:
+    model: str
+    replica_s: float          # ready replica time the mesh paid for
+    used_s: float             # compute seconds requests used on it
+    idle_s: float
+    idle_cost: float
+
+
+def idle_capacity(replica_seconds: dict[str, float], used: dict[str, float], config: MeshConfig
+                  ) -> list[IdleLine]:
+    """Capacity no request used: each model's ready replica-seconds minus the
+    compute seconds metered on it (``used``, by model), at its replica-second price."""
+    lines = []
+    for model, replica_s in sorted(replica_seconds.items()):
+        idle = max(0.0, replica_s - used.get(model, 0.0))
+        spec = config.models.get(model)
+        lines.append(IdleLine(model, replica_s, used.get(model, 0.0), idle,
+                              idle * (spec.price.replica_second if spec else 0.0)))
+    return lines
+
+
+def format_idle(lines: list[IdleLine]) -> str:
+    out = [f"{'idle capacity':<18} {'replica_s':>10} {'used_s':>9} {'idle_s':>10} {'idle_cost':>10}"]
+    for line in lines:
+        out.append(f"{line.model:<18} {line.replica_s:10.1f} {line.used_s:9.3f} {line.idle_s:10.1f} "
+                   f"{line.idle_cost:10.6f}")
+    out.append(f"{'total':<18} {sum(l.replica_s for l in lines):10.1f} {sum(l.used_s for l in lines):9.3f} "
+               f"{sum(l.idle_s for l in lines):10.1f} {sum(l.idle_cost for l in lines):10.6f}")
+    return "\n".join(out)
+
+
 def price_row(row: UsageRow, config: MeshConfig) -> float:
     return price(config, row.model, row.compute_s, row.input_tokens + row.output_tokens)
 

@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the clean-up short (that would
+        # orphan the autoscaler and its replicas): ignore them from here on.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         _stop(list(reversed(procs)), config.server.drain_grace_s + config.server.drain_delay_s + 5)
         print("mesh stopped", flush=True)
 

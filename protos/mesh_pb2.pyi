@@ -180,7 +180,7 @@ class ReplicaStatus(_message.Message):
     def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., pool: _Optional[str] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., cold_start_s: _Optional[float] = ..., age_s: _Optional[float] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("model", "mode", "desired_dedicated", "desired_serverless", "replicas", "queue_depth", "in_flight", "held", "panic", "last_decision", "last_cold_start_s")
+    __slots__ = ("model", "mode", "desired_dedicated", "desired_serverless", "replicas", "queue_depth", "in_flight", "held", "panic", "last_decision", "last_cold_start_s", "replica_seconds")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     DESIRED_DEDICATED_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,7 @@ class ModelStatus(_message.Message):
     PANIC_FIELD_NUMBER: _ClassVar[int]
     LAST_DECISION_FIELD_NUMBER: _ClassVar[int]
     LAST_COLD_START_S_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     mode: str
     desired_dedicated: int
@@ -203,7 +204,8 @@ class ModelStatus(_message.Message):
     panic: bool
     last_decision: str
     last_cold_start_s: float
-    def __init__(self, model: _Optional[str] = ..., mode: _Optional[str] = ..., desired_dedicated: _Optional[int] = ..., desired_serverless: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., held: _Optional[int] = ..., panic: _Optional[bool] = ..., last_decision: _Optional[str] = ..., last_cold_start_s: _Optional[float] = ...) -> None: ...
+    replica_seconds: float
+    def __init__(self, model: _Optional[str] = ..., mode: _Optional[str] = ..., desired_dedicated: _Optional[int] = ..., desired_serverless: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., held: _Optional[int] = ..., panic: _Optional[bool] = ..., last_decision: _Optional[str] = ..., last_cold_start_s: _Optional[float] = ..., replica_seconds: _Optional[float] = ...) -> None: ...
 
 class DeviceStatus(_message.Message):
     __slots__ = ("name", "kind", "memory_mb", "used_mb", "replicas")

@@ -123,3 +123,15 @@ def test_proto_round_trip() -> None:
     message = report_to_proto(build_report(ROWS, CONFIG, "model"))
     assert message.total_cost == pytest.approx(0.002 + 1.14)
     assert [r.key for r in message.rows][0] == "llm"
+
+
+def test_idle_capacity_is_replica_time_no_request_used() -> None:
+    from cmesh.config import parse_config
+    from cmesh.cost import format_idle, idle_capacity
+
+    config = parse_config({"models": {"e": {"source": "s", "price": {"replica_second": 0.01}},
+                                      "f": {"source": "s"}}})
+    lines = {line.model: line for line in idle_capacity({"e": 100.0, "f": 5.0}, {"e": 20.0, "f": 9.0}, config)}
+    assert (lines["e"].idle_s, lines["e"].idle_cost) == (80.0, 0.8)
+    assert lines["f"].idle_s == 0.0                    # busier than its replica time: never negative
+    assert "idle capacity" in format_idle(list(lines.values()))
