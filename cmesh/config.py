@@ -318,6 +318,21 @@ class AutoscalerConfig(Strict):
         return self
 
 
+class ObservabilityConfig(Strict):
+    """Export of pipeline traces as OpenTelemetry spans (off unless configured)."""
+
+    tracing: Literal["none", "otlp", "console", "memory"] = Field(
+        "none", description="otlp: to otlp_endpoint; console: stdout; memory: kept in-process (tests)")
+    otlp_endpoint: str | None = Field(None, description="host:port of an OTLP/gRPC collector")
+    service_name: str = "cmesh-router"
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> "ObservabilityConfig":
+        if self.tracing == "otlp" and not self.otlp_endpoint:
+            raise ValueError("otlp_endpoint: tracing 'otlp' needs a collector address")
+        return self
+
+
 class MeshConfig(Strict):
     store: str = Field("./.cmesh/store", description="model store root: path, file://, s3://")
     redis_url: str | None = None
@@ -326,6 +341,7 @@ class MeshConfig(Strict):
     autoscaler: AutoscalerConfig = Field(default_factory=AutoscalerConfig)
     devices: list[DeviceConfig] = Field(default_factory=lambda: [DeviceConfig(name="cpu0", memory_mb=8192)])
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
     schedules: list[ScheduleConfig] = Field(default_factory=list)

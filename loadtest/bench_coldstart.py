@@ -4,12 +4,11 @@ per-model warming vs coordinated pre-warming.
     python -m loadtest.bench_coldstart
 
 Every model of the support-agent pipeline starts at zero (the demo config, with
-every pool serverless and min 0). The pipelines service does not exist yet, so
-the chain is driven with sequential ModelInfer calls through the router, as the
-pipeline would run it: intent classifier, embedder, kb-index (top-k on the
-embedding), dialogue LLM (prompt from the passages). Run 1 warms each model
-only when it is first touched; run 2 lets the first touch warm the whole
-pipeline in parallel. Prints one JSON object last: independent_s,
+every pool serverless and min 0), and one Pipelines.Run of support-agent goes
+through the router (intent and embedder in parallel, then kb-index, the
+optional orders lookup, and the dialogue LLM). Run 1 warms each model only when
+a node first touches it; run 2 lets the first touch warm the whole pipeline in
+parallel. Prints one JSON object last: independent_s,
 coordinated_s, ratio, and the per-model load (cold start) times of each run.
 """
 from __future__ import annotations
@@ -22,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from cmesh.proc import spawn_service
@@ -49,22 +47,17 @@ def start(args: list[str], env: dict) -> tuple[subprocess.Popen, dict]:
     return spawn_service([*args, "--log-level", "WARNING"], stderr=subprocess.DEVNULL, cwd=REPO, env=env)
 
 
-async def chain(address: str) -> float:
-    from cmesh.client import AsyncClient
+async def first_answer(address: str) -> float:
+    """Time to the first complete support-agent answer (Pipelines.Run) from zero."""
+    import grpc
 
-    client = AsyncClient(address)
-    text = {"text": np.array([QUESTION.encode()], dtype=object)}
-    started = time.monotonic()
-    await client.infer("intent-classifier", text, timeout=300)
-    embedding = (await client.infer("embedder", text, timeout=300)).outputs["embedding"]
-    hits = await client.infer("kb-index", {"embedding": embedding}, parameters={"top_k": 2}, timeout=300)
-    passages = " ".join(p.decode() for p in hits.outputs["passages"][0])
-    prompt = f"Context: {passages}\nCustomer: {QUESTION}\nAgent:"
-    await client.infer("dialogue-llm", {"text_input": np.array([prompt[-1500:].encode()], dtype=object)},
-                       parameters={"max_tokens": 16, "temperature": 0.0}, timeout=300)
-    elapsed = time.monotonic() - started
-    await client.close()
-    return elapsed
+    from protos import mesh_pb2, mesh_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        started = time.monotonic()
+        await mesh_pb2_grpc.PipelinesStub(channel).Run(
+            mesh_pb2.RunRequest(pipeline="support-agent", inputs={"text": QUESTION}), timeout=300)
+        return time.monotonic() - started
 
 
 async def load_times(autoscaler: str) -> dict[str, float]:
@@ -90,7 +83,7 @@ def measure(store: Path, coordinated: bool, port: int, fork_server: bool = True)
         procs.append(router)
         import uvloop
 
-        elapsed = uvloop.run(chain(f"127.0.0.1:{ready['port']}"))
+        elapsed = uvloop.run(first_answer(f"127.0.0.1:{ready['port']}"))
         times = uvloop.run(load_times(f"127.0.0.1:{port}"))
         return elapsed, times
     finally:
@@ -122,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"coordinated pre-warming: first answer after {coordinated:.2f}s; load times {co_times}", flush=True)
     emit({"independent_s": round(independent, 3), "coordinated_s": round(coordinated, 3),
           "ratio": round(coordinated / independent, 3), "load_times_independent_s": ind_times,
-          "load_times_coordinated_s": co_times, "fork_server": fork,
-          "driver": "sequential ModelInfer calls (no pipelines service yet)"})
+          "load_times_coordinated_s": co_times, "fork_server": fork, "driver": "Pipelines.Run support-agent"})
     return 0
 
 

@@ -69,6 +69,7 @@ class RouterServer:
         router_id = options.router_id or f"router-{uuid.uuid4().hex[:8]}"
         self.router_id = router_id
         self._report_task: asyncio.Task | None = None
+        self.spans = None
         if config.router.autoscaler:
             self.source = AutoscalerSource(config.router.autoscaler, self.table, router_id,
                                            tls=config.security.client_tls)
@@ -95,8 +96,13 @@ class RouterServer:
         from router.pipelines.metrics import PipelineMetrics
         from router.pipelines.service import PipelinesServicer
 
+        if self.config.observability.tracing != "none":
+            from router.pipelines.otel import SpanExport
+
+            self.spans = SpanExport(self.config.observability)
         mesh_pb2_grpc.add_PipelinesServicer_to_server(
-            PipelinesServicer(self.core, door, PipelineMetrics(self.metrics.registry)), self._server)
+            PipelinesServicer(self.core, door, PipelineMetrics(self.metrics.registry), spans=self.spans),
+            self._server)
         mesh_pb2_grpc.add_AdminServicer_to_server(
             AdminGate(AdminServicer(self.meter, self.config), self.auth), self._server)
         health_servicer = health.aio.HealthServicer()
@@ -125,6 +131,8 @@ class RouterServer:
             if task is not None:
                 task.cancel()
         await self.core.close()
+        if self.spans is not None:
+            self.spans.shutdown()
         await self.source.close()
         await self.meter.close()
         if self._http is not None:

@@ -20,6 +20,7 @@ def node(model: str, **kw) -> dict:
 async def mesh(tmp_path):
     """A model server with slow/fast sleep models; `make(pipelines, dead=...)` starts a router."""
     sources = {"fast": sleep_model(tmp_path, "fast", sleep_ms=5), "slow": sleep_model(tmp_path, "slow", sleep_ms=80),
+               "slower": sleep_model(tmp_path, "slower", sleep_ms=150),
                "other": sleep_model(tmp_path, "other", sleep_ms=5)}
     backend_cfg = mesh_config(tmp_path, {m: {"source": s} for m, s in sources.items()})
     async with running_server(backend_cfg, list(sources)) as backend:
@@ -92,11 +93,11 @@ async def test_a_fallback_model_answers_when_the_primary_is_unavailable(mesh) ->
 
 
 async def test_the_deadline_budget_running_out_mid_pipeline_names_the_node(mesh) -> None:
-    routing, _, _ = mesh({"p": {"nodes": {"a": node("slow"), "b": node("slow", after=["a"]),
-                                          "c": node("slow", after=["b"])}}})
+    routing, _, _ = mesh({"p": {"nodes": {"a": node("slower"), "b": node("slower", after=["a"]),
+                                          "c": node("slower", after=["b"])}}})
     async with routing as router:
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await run(router, "p", timeout=0.2)            # ~80 ms a node: the budget ends in b or c
+            await run(router, "p", timeout=0.4)            # ~150 ms a node: the budget ends in b or c
     err = component_error_of(info.value)
     assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert err.detail is not None and err.detail.node in ("b", "c") and err.detail.pipeline == "p"
@@ -119,3 +120,24 @@ async def test_pipeline_id_and_latency_class_reach_the_model_server_and_every_no
     events = await meter.events(count=100)
     assert sorted(e.event.request_id for e in events) == ["req-1/a", "req-1/b", "req-1/c"]
     assert response.cost >= 0 and len(response.trace.nodes) == 3
+
+
+async def test_pipeline_traces_are_exported_as_opentelemetry_spans(tmp_path) -> None:
+    source = sleep_model(tmp_path, "fast", sleep_ms=5)
+    async with running_server(mesh_config(tmp_path, {"fast": {"source": source}}), ["fast"]) as backend:
+        cfg = mesh_config(tmp_path, {"fast": {"source": source, "endpoints": [f"127.0.0.1:{backend.port}"]}},
+                          pipelines={"p": {"nodes": {"a": node("fast"), "b": node("fast"),
+                                                     "c": node("fast", after=["a", "b"]),
+                                                     "s": node("fast", when="false")}}},
+                          observability={"tracing": "memory"})
+        async with running_router(cfg) as router:
+            response = await run(router, "p")
+            spans = {s.name: s for s in router.spans.memory.get_finished_spans()}
+    assert set(spans) == {"pipeline p", "node a", "node b", "node c"}     # skipped nodes make no span
+    root = spans["pipeline p"]
+    for name in ("node a", "node b", "node c"):
+        assert spans[name].parent.span_id == root.context.span_id
+        assert spans[name].attributes["cmesh.model"] == "fast"
+    assert spans["node c"].attributes["cmesh.critical"] is True
+    assert root.attributes["cmesh.request_id"] == "req-1" and response.trace.request_id == "req-1"
+    assert spans["node c"].start_time >= max(spans["node a"].end_time, spans["node b"].end_time) - 1_000_000

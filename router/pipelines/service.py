@@ -43,8 +43,9 @@ def _jsonable(value: Any) -> Any:
 
 
 class PipelinesServicer(mesh_pb2_grpc.PipelinesServicer):
-    def __init__(self, core, door, metrics: PipelineMetrics, clock=time.monotonic) -> None:
+    def __init__(self, core, door, metrics: PipelineMetrics, clock=time.monotonic, spans=None) -> None:
         self.core = core
+        self.spans = spans              # OpenTelemetry export (router/pipelines/otel.py), when configured
         self.door = door
         self.metrics = metrics
         self._now = clock
@@ -80,6 +81,7 @@ class PipelinesServicer(mesh_pb2_grpc.PipelinesServicer):
     async def _execute(self, request, context, events=None, stream: bool = False) -> mesh_pb2.RunResponse:
         graph, caller, deadline = self._prepare(request, context)
         executor = PipelineExecutor(graph, caller, clock=self._now)
+        started_ns = time.time_ns()
         status = "OK"
         try:
             outcome = await executor.run(dict(request.inputs), deadline, events=events, stream=stream)
@@ -88,8 +90,11 @@ class PipelinesServicer(mesh_pb2_grpc.PipelinesServicer):
             raise
         finally:
             trace = executor.trace()
+            trace.request_id = request.request_id
             self.metrics.observe(request.pipeline, status, trace.total_ms, trace.nodes,
                                  share_of_critical_path(trace))
+            if self.spans is not None:
+                self.spans.export(trace, started_ns, status)
         return self._response(request, graph, outcome, trace)
 
     def _response(self, request, graph, outcome, trace) -> mesh_pb2.RunResponse:
