@@ -10,10 +10,15 @@ from cmesh.config import MeshConfig
 
 def grpc_server(config: MeshConfig) -> grpc.aio.Server:
     limit = config.server.max_message_bytes
-    # so_reuseport off: two servers must never silently share a port.
+    # so_reuseport off: two servers must never silently share a port. Clients of
+    # ours (routers) keep long-lived streams alive with pings every 10 s; accept
+    # them instead of answering GOAWAY too_many_pings (the default allows one per 5 min).
     return grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                     ("grpc.max_send_message_length", limit),
-                                    ("grpc.so_reuseport", 0)])
+                                    ("grpc.so_reuseport", 0),
+                                    ("grpc.keepalive_permit_without_calls", 1),
+                                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                                    ("grpc.http2.max_ping_strikes", 0)])
 
 
 def start_metrics(port: int | None, host: str, registry: CollectorRegistry):

@@ -85,5 +85,7 @@ class Gate:
             raise PermissionDenied(f"API key of tenant {principal.tenant!r} cannot act for {claimed_tenant!r}")
         self.check_model(principal, model)
         if principal.tenant in self.config.tenants and not self.limiter.try_take(principal.tenant, now):
-            raise ResourceExhausted(f"tenant {principal.tenant!r} is over its rate limit",
+            err = ResourceExhausted(f"tenant {principal.tenant!r} is over its rate limit",
                                     retry_after_ms=self.limiter.retry_after_ms(principal.tenant, now))
+            err.reason = "rate_limited"          # not a full queue: slowing down is the remedy
+            raise err

@@ -66,6 +66,7 @@ async def test_api_keys_tenants_rate_limits_and_admin(tmp_path) -> None:
             assert 1 <= len(limited) <= 3 and sum(not isinstance(s, Exception) for s in statuses) >= 5
             assert all(s.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for s in limited)
             assert component_error_of(limited[0]).detail.retry_after_ms > 0
+            assert component_error_of(limited[0]).detail.reason == "rate_limited"
 
             stub_for = lambda c: mesh_pb2_grpc.AdminStub(c.channel)  # noqa: E731
             await expect(stub_for(acme).CostReport(mesh_pb2.CostReportRequest(group_by="tenant"),
