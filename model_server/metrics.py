@@ -56,16 +56,26 @@ class ModelMetrics:
         self.load_seconds = m.load_seconds.labels(*self._labels)
         self._tokens_in = m.tokens.labels(*self._labels, "input")
         self._tokens_out = m.tokens.labels(*self._labels, "output")
+        # Per-request counters: labels() locks and builds keys, so children are kept.
+        self._by_status: dict[str, object] = {}
+        self._by_caller: dict[tuple[str, str], object] = {}
 
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)
         self.compute_seconds.observe(seconds)
 
     def caller(self, pipeline: str, latency_class: str) -> None:
-        self._m.by_pipeline.labels(*self._labels, pipeline, latency_class).inc()
+        child = self._by_caller.get((pipeline, latency_class))
+        if child is None:
+            child = self._by_caller[(pipeline, latency_class)] = \
+                self._m.by_pipeline.labels(*self._labels, pipeline, latency_class)
+        child.inc()
 
     def count(self, status: str) -> None:
-        self._m.requests.labels(*self._labels, status).inc()
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = self._m.requests.labels(*self._labels, status)
+        child.inc()
 
     def tokens(self, input_tokens: int, output_tokens: int) -> None:
         if input_tokens:

@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cmesh.config import MeshConfig
 from cmesh.serving import grpc_server, start_metrics
 from cmesh.errors import MeshError, abort_with
-from cmesh.store import ModelStore
+from router.manifests import ManifestCache
 from cmesh.tls import add_port
 from protos import inference_pb2_grpc as pb_grpc
 from protos import mesh_pb2_grpc
@@ -90,7 +90,8 @@ class RouterServer:
     async def start(self) -> None:
         self._server = grpc_server(self.config)
         door = FrontDoor(self.config, self.auth, Gate(self.config, TenantLimiter(self.config.tenants)))
-        describer = Describer(self.core, ModelStore(self.config.store))
+        manifests = ManifestCache(self.config)      # one reader of the store for metadata and pipelines
+        describer = Describer(self.core, manifests)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             RouterServicer(self.core, door, self.health, describer), self._server)
         from router.pipelines.metrics import PipelineMetrics
@@ -101,7 +102,8 @@ class RouterServer:
 
             self.spans = SpanExport(self.config.observability)
         mesh_pb2_grpc.add_PipelinesServicer_to_server(
-            PipelinesServicer(self.core, door, PipelineMetrics(self.metrics.registry), spans=self.spans),
+            PipelinesServicer(self.core, door, PipelineMetrics(self.metrics.registry), manifests,
+                              spans=self.spans),
             self._server)
         mesh_pb2_grpc.add_AdminServicer_to_server(
             AdminGate(AdminServicer(self.meter, self.config), self.auth), self._server)

@@ -137,9 +137,9 @@ class Describer:
     """ModelMetadata through the router: asked of a ready replica; with none (scaled
     to zero), answered from the model store's manifest when the router can read it."""
 
-    def __init__(self, core: RouterCore, store) -> None:
+    def __init__(self, core: RouterCore, manifests) -> None:
         self.core = core
-        self.store = store
+        self.manifests = manifests      # router.manifests.ManifestCache, shared with pipelines
 
     async def __call__(self, model: str, version: str) -> pb.ModelMetadataResponse:
         cfg = self.core.config.models[model]
@@ -156,9 +156,7 @@ class Describer:
         if variant not in variants:
             raise NotFound(f"model {model!r} has no version {variant!r}", component=model)
         try:
-            import asyncio
-
-            manifest = (await asyncio.to_thread(self.store.open, variants[variant].source)).manifest
+            manifest = await self.manifests.get(model, variant)
         except Exception as exc:  # noqa: BLE001 - store unreachable from here
             raise Unavailable(f"no replica of {model!r} to describe it and the store is unreadable: {exc}",
                               component=model) from None

@@ -12,32 +12,16 @@ from collections.abc import Callable
 from typing import Any
 
 from cmesh.client import build_request
-from cmesh.config import MeshConfig, NodeConfig
+from cmesh.config import NodeConfig
 from cmesh.errors import InvalidInput
 from cmesh.expr import ExprError, evaluate, parse
 from cmesh.pipeline_check import render_params
 from cmesh.manifest import Manifest
-from cmesh.store import ModelStore
+from router.manifests import ManifestCache
 from cmesh.tensors import decode_outputs, decode_parameters
 from router.auth import Principal
 from router.core import CallContext, RouterCore
 from router.pipelines.values import from_outputs, to_tensor
-
-
-class ManifestCache:
-    """Input specs of each model (its default variant's manifest), read once."""
-
-    def __init__(self, config: MeshConfig) -> None:
-        self.config = config
-        self.store = ModelStore(config.store)
-        self._manifests: dict[str, Manifest] = {}
-
-    async def get(self, model: str) -> Manifest:
-        if model not in self._manifests:
-            cfg = self.config.models[model]
-            source = cfg.variant_sources()[cfg.default_variant()].source
-            self._manifests[model] = (await asyncio.to_thread(self.store.open, source)).manifest
-        return self._manifests[model]
 
 
 class NodeCaller:

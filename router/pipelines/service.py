@@ -20,7 +20,8 @@ from cmesh.cost import price
 from cmesh.errors import InvalidInput, MeshError, NotFound, abort_with
 from cmesh.rpc import guarded
 from protos import mesh_pb2, mesh_pb2_grpc
-from router.pipelines.calls import ManifestCache, NodeCaller
+from router.manifests import ManifestCache
+from router.pipelines.calls import NodeCaller
 from router.pipelines.executor import PipelineExecutor
 from router.pipelines.graph import PipelineGraph
 from router.pipelines.metrics import PipelineMetrics
@@ -43,13 +44,14 @@ def _jsonable(value: Any) -> Any:
 
 
 class PipelinesServicer(mesh_pb2_grpc.PipelinesServicer):
-    def __init__(self, core, door, metrics: PipelineMetrics, clock=time.monotonic, spans=None) -> None:
+    def __init__(self, core, door, metrics: PipelineMetrics, manifests: ManifestCache, clock=time.monotonic,
+                 spans=None) -> None:
         self.core = core
         self.spans = spans              # OpenTelemetry export (router/pipelines/otel.py), when configured
         self.door = door
         self.metrics = metrics
         self._now = clock
-        self.manifests = ManifestCache(core.config)
+        self.manifests = manifests
         self.graphs = {name: PipelineGraph.build(name, cfg) for name, cfg in core.config.pipelines.items()}
 
     def _graph(self, name: str) -> PipelineGraph:
