@@ -1,6 +1,7 @@
 """The control loop: metrics window + pure policy -> desired replicas -> provider.
 
-Every tick, each model is decided on its own load (never on aggregate traffic),
+Every tick, each model is decided on its own load (never on aggregate traffic,
+unless the ``uniform`` baseline strategy is configured for a comparison),
 with scheduled minimums and warm-up floors; new replicas are placed on devices
 first-fit decreasing; the endpoint table follows every replica state change.
 A Warm request (a router holding requests for a model at zero) starts the
@@ -16,7 +17,7 @@ from datetime import datetime, timezone
 
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.placement import Placed, place, replica_request, utilisation
-from autoscaler.policy import PolicyState, ScalingContext, decide
+from autoscaler.policy import PolicyState, ScalingContext, decide, uniform_contexts
 from autoscaler.prewarm import warm_plan
 from autoscaler.providers.base import Provider
 from autoscaler.schedule import scheduled_minimums
@@ -96,23 +97,35 @@ class Controller:
             now = self._now()
             wall = datetime.fromtimestamp(self._wall(), tz=timezone.utc)
             scheduled = scheduled_minimums(self.config, wall, self.config.autoscaler.schedule_lead_s)
+            contexts = {m: self._context(m, now, scheduled.get(m, 0)) for m in self.config.models}
+            if self.config.autoscaler.strategy == "uniform":
+                contexts = uniform_contexts(contexts, self._uniform_target())
             for model in only or list(self.config.models):
-                await self._decide(model, now, scheduled.get(model, 0))
+                await self._decide(model, contexts[model], now)
             self._observe()
 
-    async def _decide(self, model: str, now: float, scheduled_min: int) -> None:
+    def _context(self, model: str, now: float, scheduled_min: int) -> ScalingContext:
         spec = self.config.models[model].deployment
         cfg = self.config.autoscaler
-        current = {pool: self._count(model, pool) for pool in POOLS}
         last_traffic = max(filter(None, (self.window.last_traffic(model), self._warmed_at.get(model))),
                            default=None)
-        ctx = ScalingContext(
-            model=model, spec=spec, current_dedicated=current["dedicated"],
-            current_serverless=current["serverless"],
+        return ScalingContext(
+            model=model, spec=spec, current_dedicated=self._count(model, "dedicated"),
+            current_serverless=self._count(model, "serverless"),
             stable_concurrency=self.window.average_concurrency(model, now, cfg.stable_window_s),
             panic_concurrency=self.window.average_concurrency(model, now, cfg.panic_window_s),
             metrics_age_s=self.window.last_sample_age(model, now), held=self.window.held(model, now),
             idle_s=None if last_traffic is None else now - last_traffic, scheduled_min=scheduled_min, now=now)
+
+    def _uniform_target(self) -> float:
+        cfg = self.config.autoscaler
+        return cfg.uniform_target_concurrency or sum(
+            m.deployment.target_concurrency for m in self.config.models.values())
+
+    async def _decide(self, model: str, ctx: ScalingContext, now: float) -> None:
+        spec = self.config.models[model].deployment
+        cfg = self.config.autoscaler
+        current = {"dedicated": ctx.current_dedicated, "serverless": ctx.current_serverless}
         decision, self._states[model] = decide(ctx, cfg, self._states[model])
         self._decisions[model] = decision
         desired = {"dedicated": decision.desired_dedicated, "serverless": decision.desired_serverless}

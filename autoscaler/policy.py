@@ -30,11 +30,14 @@ The steps, each a small function, in order:
 
 The decision is made per model on that model's own load (the window holds each
 model separately), never on the mesh's aggregate request count, so a flood on
-one model cannot scale another.
+one model cannot scale another. :func:`uniform_contexts` builds the opposite,
+for comparison only (``autoscaler.strategy: uniform``, used by
+``loadtest.experiments``): every model decided on the summed load of all.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -275,3 +278,32 @@ def _bounds(ctx: ScalingContext) -> tuple[int, int, str]:
 
 def _clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, n))
+
+
+def uniform_contexts(contexts: Mapping[str, ScalingContext], target: float) -> dict[str, ScalingContext]:
+    """The *uniform* baseline: every model sees the mesh's aggregate load.
+
+    Each model's context gets the summed stable and panic concurrency and held
+    requests of all models, the freshest metrics age, the shortest idle time
+    (the mesh is idle only when every model is) and ``target`` as its target
+    concurrency, so :func:`decide` gives every model the same count (within its
+    own bounds): how a monolith, or a pipeline deployed as one unit, scales.
+    Models without metrics add nothing; no model with metrics: no decision."""
+    def total(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return sum(known) if known else None
+
+    def least(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return min(known) if known else None
+
+    ctxs = list(contexts.values())
+    stable = total([c.stable_concurrency for c in ctxs])
+    panic = total([c.panic_concurrency for c in ctxs])
+    age = least([c.metrics_age_s for c in ctxs])
+    idle = least([c.idle_s for c in ctxs])
+    held = sum(c.held for c in ctxs)
+    return {m: replace(c, spec=c.spec.model_copy(update={"target_concurrency": target}),
+                       stable_concurrency=stable, panic_concurrency=panic, metrics_age_s=age,
+                       idle_s=idle, held=held)
+            for m, c in contexts.items()}

@@ -304,6 +304,12 @@ class AutoscalerConfig(Strict):
     scale_down_delay_s: float = Field(0.0, ge=0, description="keep the max of decisions over this long")
     stale_after_s: float = Field(5.0, gt=0, description="no decision when the newest metrics are older")
     schedule_lead_s: float = Field(120.0, ge=0, description="raise scheduled minimums this early")
+    strategy: Literal["per-model", "uniform"] = Field(
+        "per-model", description="per-model: each model on its own load; uniform: a baseline for "
+                                 "experiments that scales every model together on the mesh's aggregate load")
+    uniform_target_concurrency: float | None = Field(
+        None, gt=0, description="uniform: aggregate in-flight requests per replica of every model "
+                                "(default: the sum of the models' target_concurrency)")
     coordinated_prewarm: bool = Field(True, description="a cold touch of one model of a pipeline warms the "
                                                         "rest of the pipeline in parallel")
     drain_grace_s: float = Field(20.0, ge=0, description="scale-down: in-flight work may take this long")

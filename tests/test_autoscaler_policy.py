@@ -303,3 +303,35 @@ def test_decide_is_pure() -> None:
     first = decide(c, CFG, s)
     assert decide(c, CFG, s) == first and s == PolicyState()
     assert replace(c, now=c.now) == c
+
+
+# ------------------------------------------------- uniform (baseline only)
+
+
+def test_uniform_scales_every_model_on_the_aggregate_load() -> None:
+    from autoscaler.policy import uniform_contexts
+
+    contexts = {"hot": replace(ctx(load=60.0, current=1), model="hot"),
+                "cold": replace(ctx(load=0.0, current=1, idle=500.0), model="cold"),
+                "unseen": replace(ctx(load=None, age=None, idle=None, current=1), model="unseen")}
+    uniform = uniform_contexts(contexts, target=16.0)
+    # 60 in flight over everything / 16 per replica -> 4 replicas of *every* model,
+    # the idle one included (the mesh is busy), and one without metrics of its own.
+    assert {m: run(c).desired_serverless for m, c in uniform.items()} == {"hot": 4, "cold": 4, "unseen": 4}
+    # Per model, the same loads give 8 (60 / 8 per replica), 0 (idle) and no decision.
+    per_model = {m: run(c) for m, c in contexts.items()}
+    assert per_model["hot"].desired_serverless == 8 and per_model["cold"].desired_serverless == 0
+    assert not per_model["unseen"].valid
+
+
+def test_uniform_goes_to_zero_only_when_the_whole_mesh_is_idle() -> None:
+    from autoscaler.policy import uniform_contexts
+
+    busy = {"a": replace(ctx(load=0.0, idle=400.0, current=1), model="a"),
+            "b": replace(ctx(load=2.0, idle=0.0, current=1), model="b")}
+    assert all(run(c).desired_serverless == 1 for c in uniform_contexts(busy, 16.0).values())
+    idle = {m: replace(c, idle_s=400.0, stable_concurrency=0.0, panic_concurrency=0.0) for m, c in busy.items()}
+    assert all(run(c).desired_serverless == 0 for c in uniform_contexts(idle, 16.0).values())
+    none = {m: replace(c, stable_concurrency=None, panic_concurrency=None, metrics_age_s=None)
+            for m, c in busy.items()}
+    assert not any(run(c).valid for c in uniform_contexts(none, 16.0).values())
