@@ -157,7 +157,8 @@ def timeline(records: list[Record], duration_s: float, windows: int | None = Non
 
 
 def summarize(records: list[Record], samples: list[ReplicaSample], *, scenario: Scenario, compress: float,
-              elapsed_s: float, target: str, autoscaler: str | None, sampler_errors: int = 0) -> dict:
+              elapsed_s: float, target: str, autoscaler: str | None, sampler_errors: int = 0,
+              rate_scale: float = 1.0) -> dict:
     wall_s = scenario.duration_s / compress
     totals = group_stats(records, wall_s)
     lags = [(r.start_s - r.scheduled_s) * 1000.0 for r in records if r.start_s is not None]
@@ -172,8 +173,8 @@ def summarize(records: list[Record], samples: list[ReplicaSample], *, scenario: 
         reported = {m: round(last[m] - first.get(m, 0.0), 3) for m in sorted(last)}
     return {
         "scenario": {"name": scenario.name, "description": scenario.description, "seed": scenario.seed,
-                     "duration_s": scenario.duration_s, "compress": compress,
-                     "expected_requests": round(expected_count(scenario), 1)},
+                     "duration_s": scenario.duration_s, "compress": compress, "rate_scale": rate_scale,
+                     "expected_requests": round(expected_count(scenario) * rate_scale, 1)},
         "target": target, "autoscaler": autoscaler,
         "latency": "from each request's scheduled time to its answer, OK requests only (ms)",
         "totals": totals,
@@ -188,7 +189,10 @@ def summarize(records: list[Record], samples: list[ReplicaSample], *, scenario: 
                      "sampler_errors": sampler_errors, "replica_seconds": replica_seconds,
                      "autoscaler_replica_seconds": reported,
                      "max_ready": {m: max(s.states.get(m, {}).get("ready", 0) for s in samples)
-                                   for m in replica_seconds}},
+                                   for m in replica_seconds},
+                     # wall seconds since the start -> ready replicas per model
+                     "timeline": [[round(s.t_s, 2), {m: st.get("ready", 0) for m, st in sorted(s.states.items())}]
+                                  for s in samples]},
         "timeline": timeline(records, scenario.duration_s),
     }
 
@@ -226,6 +230,7 @@ class ReplayOptions:
     target: str
     autoscaler: str | None = None
     compress: float | None = None            # None: the scenario's own
+    rate_scale: float = 1.0                  # every class's rate times this
     out: Path = Path("results/replay")
     api_key: str = DEFAULT_API_KEY
     max_in_flight: int = 1000
@@ -401,7 +406,7 @@ def plot(summary: dict, samples: list[ReplicaSample], compress: float, path: Pat
 async def run(options: ReplayOptions, scenario: Scenario) -> dict:
     """Replay the scenario against options.target; write the outputs; return the summary."""
     compress = options.compress or scenario.compress
-    schedule = arrivals(scenario, compress)
+    schedule = arrivals(scenario, compress, options.rate_scale)
     log = options.log
     loop = asyncio.get_running_loop()
     async with grpc.aio.insecure_channel(options.target, options=DEFAULT_OPTIONS) as channel:
@@ -440,7 +445,7 @@ async def run(options: ReplayOptions, scenario: Scenario) -> dict:
         log(f"warning: {sampler.errors} autoscaler Status call(s) failed (last: {sampler.last_error})")
     summary = summarize(replayer.records, samples, scenario=scenario, compress=compress, elapsed_s=elapsed,
                         target=options.target, autoscaler=options.autoscaler,
-                        sampler_errors=sampler.errors if sampler else 0)
+                        sampler_errors=sampler.errors if sampler else 0, rate_scale=options.rate_scale)
     write_outputs(options.out, summary, replayer.records, samples, compress)
     return summary
 
@@ -480,6 +485,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="HOST:PORT of the autoscaler: sample replicas every second")
     p.add_argument("--compress", type=float, default=None, metavar="X",
                    help="time compression (default: the scenario's `compress`, else 1)")
+    p.add_argument("--rate-scale", type=float, default=1.0, metavar="F",
+                   help="multiply every class's rate by F (with --compress X, F = 1/X keeps the original "
+                        "requests per second)")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: results/replay-<scenario>)")
     p.add_argument("--api-key", default=None, metavar="K",
                    help=f"tenant API key (default: $CMESH_API_KEY, else {DEFAULT_API_KEY})")
@@ -492,6 +500,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.compress is not None and args.compress <= 0:
         p.error("--compress must be > 0")
+    if args.rate_scale <= 0:
+        p.error("--rate-scale must be > 0")
     if args.max_in_flight < 1:
         p.error("--max-in-flight must be >= 1")
     return args
@@ -499,7 +509,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def options_from(args: argparse.Namespace, scenario: Scenario) -> ReplayOptions:
     return ReplayOptions(
-        target=args.target, autoscaler=args.autoscaler, compress=args.compress,
+        target=args.target, autoscaler=args.autoscaler, compress=args.compress, rate_scale=args.rate_scale,
         out=Path(args.out or f"results/replay-{scenario.name}"),
         api_key=args.api_key or os.environ.get("CMESH_API_KEY") or DEFAULT_API_KEY,
         max_in_flight=args.max_in_flight, request_timeout_s=args.request_timeout,

@@ -291,19 +291,24 @@ def class_seed(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def arrivals(scenario: Scenario, compress: float = 1.0) -> list[Arrival]:
-    """The open-loop schedule: every request, in time order."""
+def arrivals(scenario: Scenario, compress: float = 1.0, rate_scale: float = 1.0) -> list[Arrival]:
+    """The open-loop schedule: every request, in time order. ``rate_scale`` multiplies
+    every class's rate (the same shape at a fraction of the load): with
+    ``compress`` X and ``rate_scale`` 1/X a scenario runs X times faster at its
+    original requests per second."""
     if compress <= 0:
         raise ScenarioError("compress", ["compress: must be > 0"])
+    if rate_scale <= 0:
+        raise ScenarioError("rate_scale", ["rate_scale: must be > 0"])
     rows: list[tuple[float, int, Arrival]] = []
     for order, cls in enumerate(scenario.classes):
         rng = class_seed(scenario.seed, cls.name)
         shape = class_pieces(scenario, cls)
         process = cls.process or scenario.process
         if process.kind == "poisson":
-            times = poisson_thinning(rng, cls.rate_per_s, shape, scenario.duration_s)
+            times = poisson_thinning(rng, cls.rate_per_s * rate_scale, shape, scenario.duration_s)
         else:
-            times = renewal_rescaled(rng, cls.rate_per_s, shape, process.cv)
+            times = renewal_rescaled(rng, cls.rate_per_s * rate_scale, shape, process.cv)
         texts = cls.texts or list(DEFAULT_TEXTS)
         picks = rng.integers(0, len(texts), len(times))
         pipeline_id = cls.pipeline_id or (cls.pipeline if cls.pipeline is not None else f"replay-{scenario.name}")

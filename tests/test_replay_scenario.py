@@ -121,6 +121,21 @@ def test_compression_scales_times_and_keeps_the_requests() -> None:
         arrivals(scenario, 0)
 
 
+@pytest.mark.parametrize("process", [{"kind": "poisson"}, {"kind": "gamma", "cv": 2.0}])
+def test_rate_scale_thins_every_class_and_keeps_the_shape(process) -> None:
+    scenario = shipped("spike10x").model_copy(update={"process": parse_scenario(
+        {**flat(1.0, 1), "process": process}).process})
+    full, third = arrivals(scenario, 3.0), arrivals(scenario, 3.0, rate_scale=1 / 3)
+    assert len(third) == pytest.approx(len(full) / 3, rel=0.1)
+    # Same requests per wall second as the uncompressed scenario, and still a 10x burst.
+    assert len(third) / (scenario.duration_s / 3) == pytest.approx(expected_count(scenario) / scenario.duration_s,
+                                                                  rel=0.1)
+    assert count_in(third, 120, 180) / 60 == pytest.approx(10 * count_in(third, 0, 120) / 120, rel=0.25)
+    assert {a.class_name for a in third} == {a.class_name for a in full}
+    with pytest.raises(ScenarioError, match="rate_scale"):
+        arrivals(scenario, 1.0, rate_scale=0)
+
+
 def test_arrivals_carry_what_the_replayer_sends() -> None:
     data = flat(50.0, 2, texts=["alpha", "beta"], params={"poison": True}, latency_class="batch")
     data["classes"].append({"pipeline": "support-agent", "rate_per_s": 50.0})
