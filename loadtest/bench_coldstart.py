@@ -14,17 +14,12 @@ coordinated_s, ratio, and the per-model load (cold start) times of each run.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from cmesh.proc import spawn_service
-from loadtest.common import REPO, emit, write_temp_config
+from loadtest.common import REPO, emit, running_mesh
 
 QUESTION = "How do I reset my password?"
 
@@ -41,10 +36,6 @@ def bench_config(store: Path, coordinated: bool, autoscaler_port: int) -> dict:
         spec["deployment"] = {"mode": "serverless", "min_replicas": 0, "max_replicas": 2,
                               "target_concurrency": 8, "idle_timeout_s": 600}
     return data
-
-
-def start(args: list[str], env: dict) -> tuple[subprocess.Popen, dict]:
-    return spawn_service([*args, "--log-level", "WARNING"], stderr=subprocess.DEVNULL, cwd=REPO, env=env)
 
 
 async def first_answer(address: str) -> float:
@@ -71,30 +62,13 @@ async def load_times(autoscaler: str) -> dict[str, float]:
 
 
 def measure(store: Path, coordinated: bool, port: int, fork_server: bool = True) -> tuple[float, dict[str, float]]:
-    state = Path(tempfile.mkdtemp(prefix="cmesh-coldstart-"))
-    cfg = write_temp_config(bench_config(store, coordinated, port))
-    env = {**os.environ, "CMESH_STATE_DIR": str(state)}
-    procs = []
-    try:
-        scaler, _ = start(["-m", "autoscaler", "--config", str(cfg),
-                           *([] if fork_server else ["--no-fork-server"])], env)
-        procs.append(scaler)
-        router, ready = start(["-m", "router", "--config", str(cfg), "--port", "0"], env)
-        procs.append(router)
-        import uvloop
+    import uvloop
 
-        elapsed = uvloop.run(first_answer(f"127.0.0.1:{ready['port']}"))
-        times = uvloop.run(load_times(f"127.0.0.1:{port}"))
-        return elapsed, times
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        cfg.unlink()
-        shutil.rmtree(state, ignore_errors=True)
+    with running_mesh(bench_config(store, coordinated, port),
+                      autoscaler_args=() if fork_server else ("--no-fork-server",)) as (router, autoscaler):
+        elapsed = uvloop.run(first_answer(router))
+        times = uvloop.run(load_times(autoscaler))
+    return elapsed, times
 
 
 def main(argv: list[str] | None = None) -> int:

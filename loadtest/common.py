@@ -1,10 +1,12 @@
-"""Shared benchmark plumbing: model-server processes, latency stats, JSON output."""
+"""Shared benchmark plumbing: model-server and mesh processes, latency stats, JSON output."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,36 @@ class ServerProc:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+@contextmanager
+def running_mesh(config: dict, *, autoscaler_args: tuple[str, ...] = (), log=print):
+    """Autoscaler + router on loopback, from ``config`` (a mesh.yaml as a dict whose
+    ``autoscaler.listen`` is set), with their own replica state dir. Yields
+    (router address, autoscaler address); on exit stops the router, then the
+    autoscaler, which drains and stops its replicas."""
+    path = write_temp_config(config)
+    state = Path(tempfile.mkdtemp(prefix="cmesh-mesh-"))
+    env = {**os.environ, "CMESH_STATE_DIR": str(state)}
+    procs: list[subprocess.Popen] = []
+    try:
+        for args in (["-m", "autoscaler", "--config", str(path), *autoscaler_args],
+                     ["-m", "router", "--config", str(path), "--port", "0"]):
+            proc, ready = spawn_service([*args, "--log-level", "WARNING"], stderr=subprocess.DEVNULL,
+                                        cwd=REPO, env=env)
+            procs.append(proc)
+        yield f"127.0.0.1:{ready['port']}", config["autoscaler"]["listen"]
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                log(f"pid {proc.pid} did not stop in 60 s: killed")
+                proc.kill()
+                proc.wait()
+        path.unlink(missing_ok=True)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def emit(result: dict) -> None:

@@ -28,19 +28,14 @@ import asyncio
 import json
 import os
 import platform
-import shutil
 import socket
-import subprocess
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
-from cmesh.proc import spawn_service
-from loadtest.common import REPO, emit, write_temp_config
+from loadtest.common import REPO, emit, running_mesh
 from loadtest.experiment_plan import (STRATEGIES, Outcome, base_config, headline, markdown, peak_counts,
                                       strategy_config)
 from loadtest.scenario import load_scenario
@@ -52,34 +47,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextmanager
-def running_mesh(config: dict, log):
-    """Autoscaler + router on loopback with their own replica state dir; stopped
-    (router first, then the autoscaler, which drains its replicas) on exit."""
-    path = write_temp_config(config)
-    state = Path(tempfile.mkdtemp(prefix="cmesh-experiment-"))
-    env = {**os.environ, "CMESH_STATE_DIR": str(state)}
-    procs: list[subprocess.Popen] = []
-    try:
-        for args in (["-m", "autoscaler", "--config", str(path)],
-                     ["-m", "router", "--config", str(path), "--port", "0"]):
-            proc, ready = spawn_service([*args, "--log-level", "WARNING"], stderr=subprocess.DEVNULL,
-                                        cwd=REPO, env=env)
-            procs.append(proc)
-        yield f"127.0.0.1:{ready['port']}", config["autoscaler"]["listen"]
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                log(f"pid {proc.pid} did not stop in 60 s: killed")
-                proc.kill()
-                proc.wait()
-        path.unlink(missing_ok=True)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 async def warm_all(autoscaler: str, config: dict, timeout_s: float) -> float:
@@ -115,7 +82,7 @@ def run_strategy(name: str, config: dict, scenario_path: Path, *, compress: floa
     from loadtest import replay
 
     scenario = load_scenario(scenario_path)
-    with running_mesh(config, log) as (router, autoscaler):
+    with running_mesh(config, log=log) as (router, autoscaler):
         warm_s = uvloop.run(warm_all(autoscaler, config, timeout_s=240))
         log(f"[{scenario.name}/{name}] mesh warm in {warm_s:.1f} s; replaying")
         options = replay.ReplayOptions(target=router, autoscaler=autoscaler,

@@ -110,6 +110,8 @@ async def test_replay_writes_summary_and_plot_and_records_every_outcome(tmp_path
     assert fast["ready"] == pytest.approx(2 * echo["ready"], abs=0.01)
     assert summary["replica_seconds"] == {"echo": echo["ready"], "fast": fast["ready"]}
     assert replicas["max_ready"] == {"echo": 1, "fast": 2}
+    assert len(replicas["timeline"]) == replicas["samples"]
+    assert all(ready == {"echo": 1, "fast": 2} for _, ready in replicas["timeline"])
 
 
 async def test_in_flight_limit_drops_and_drain_timeouts_are_recorded_not_lost(tmp_path) -> None:
@@ -135,7 +137,7 @@ async def test_in_flight_limit_drops_and_drain_timeouts_are_recorded_not_lost(tm
     assert totals["timeouts"] == 3 and totals["errors_by_code"] == {"DEADLINE_EXCEEDED": 3}
     assert totals["ok"] == 0 and totals["p99_ms"] is None
     assert summary["replicas"] == {"sampled": False, "samples": 0, "sampler_errors": 0, "replica_seconds": {},
-                                   "autoscaler_replica_seconds": {}, "max_ready": {}}
+                                   "autoscaler_replica_seconds": {}, "max_ready": {}, "timeline": []}
     assert (tmp_path / "out" / "replay.png").exists()
     assert any("draining 3 in-flight" in line for line in lines)
 
