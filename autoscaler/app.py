@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import uuid
 from argparse import Namespace
 
@@ -106,13 +105,6 @@ async def serve(args: Namespace) -> int:
 
 
 def run(args: Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvloop
+    from cmesh.proc import run_service
 
-    from cmesh.validation import ConfigError
-
-    try:
-        return uvloop.run(serve(args))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_service(lambda: serve(args), args.log_level)

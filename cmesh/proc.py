@@ -44,3 +44,26 @@ def spawn_service(module_args: list[str], *, env: dict | None = None, stderr=Non
                 return proc, event
     proc.wait()
     raise RuntimeError(f"{' '.join(module_args[:2])} exited (code {proc.returncode}) before it was ready")
+
+
+def run_service(main, log_level: str, *, fatal: tuple[type[BaseException], ...] = (), what: str = "") -> int:
+    """A service's entry point: logging at ``log_level``, then ``main()`` (a coroutine
+    function returning the exit code) on uvloop. An invalid config exits 2 with its
+    message; the ``fatal`` start-up errors (a port in use, a model that cannot load)
+    exit 1 with "cannot start the ``what``"."""
+    import logging
+    import sys
+
+    import uvloop
+
+    from cmesh.validation import ConfigError
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return uvloop.run(main())
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except fatal as exc:
+        print(f"error: cannot start the {what}: {exc}", file=sys.stderr)
+        return 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import signal
 import sys
 
@@ -62,21 +61,12 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvloop
-
     from cmesh.errors import MeshError
-    from cmesh.validation import ConfigError
+    from cmesh.proc import run_service
 
-    try:
-        return uvloop.run(serve(args))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (MeshError, OSError, ValueError) as exc:     # a model that cannot load, a port in use
-        print(f"error: cannot start the model server: {exc}", file=sys.stderr)
-        return 1
+    # A model that cannot load or a port in use is a start-up failure (exit 1).
+    return run_service(lambda: serve(args), args.log_level, fatal=(MeshError, OSError, ValueError),
+                       what="model server")
 
 
 if __name__ == "__main__":
