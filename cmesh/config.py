@@ -10,10 +10,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from cmesh.validation import ConfigError, Strict, format_errors
+from cmesh.validation import Strict, load_yaml, read_text, validate_mapping
 
 LatencyClass = Literal["interactive", "batch"]
 NAME_RE = r"^[a-z0-9][a-z0-9_.-]*$"
@@ -393,22 +392,9 @@ class MeshConfig(Strict):
 
 
 def parse_config(data: Any, source: str = "mesh.yaml") -> MeshConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(source, ["top level must be a mapping"])
-    try:
-        return MeshConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(source, format_errors(exc)) from None
+    return validate_mapping(MeshConfig, data, source)
 
 
 def load_config(path: str | Path) -> MeshConfig:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
+    data = load_yaml(read_text(path), str(path))
     return parse_config(data, source=str(path))

@@ -4,10 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from cmesh.tensors import DTYPES
-from cmesh.validation import ConfigError, Strict, format_errors
+from cmesh.validation import Strict, load_yaml, validate_mapping
 
 MANIFEST_FILE = "model.yaml"
 
@@ -67,16 +67,7 @@ class Manifest(Strict):
 
 
 def parse_manifest(text: str, source: str = MANIFEST_FILE) -> Manifest:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
-    if not isinstance(data, dict):
-        raise ConfigError(source, ["must be a mapping"])
-    try:
-        return Manifest.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(source, format_errors(exc)) from None
+    return validate_mapping(Manifest, load_yaml(text, source), source, not_mapping="must be a mapping")
 
 
 def dump_manifest(manifest: Manifest) -> str:

@@ -1,7 +1,15 @@
-"""Turn pydantic validation errors into messages that name the path and the rule."""
+"""Turn pydantic validation errors into messages that name the path and the rule,
+and read YAML documents into validated classes with such messages."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class Strict(BaseModel):
@@ -52,3 +60,28 @@ def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
         path = ".".join(([prefix] if prefix else []) + loc)
         lines.append(f"{path}: {message}" if path else message)
     return lines
+
+
+def read_text(path: str | Path, error: type[ConfigError] = ConfigError) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise error(str(path), [f"cannot read: {exc.strerror}"]) from None
+
+
+def load_yaml(text: str, source: str, error: type[ConfigError] = ConfigError) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(source, [f"not valid YAML: {exc}"]) from None
+
+
+def validate_mapping(model: type[M], data: Any, source: str, error: type[ConfigError] = ConfigError, *,
+                     not_mapping: str = "top level must be a mapping") -> M:
+    """``data`` (a parsed document) as ``model``; every problem raised as ``error``."""
+    if not isinstance(data, Mapping):
+        raise error(source, [not_mapping])
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        raise error(source, format_errors(exc)) from None

@@ -40,10 +40,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from cmesh.validation import ConfigError, Strict, format_errors
+from cmesh.validation import ConfigError, Strict, load_yaml, read_text, validate_mapping
 
 LatencyClass = Literal["interactive", "batch"]
 ParamValue = bool | int | float | str
@@ -155,25 +154,12 @@ class Scenario(Strict):
 def parse_scenario(data: Any, source: str = "scenario") -> Scenario:
     """Validate a scenario (a mapping, or YAML text)."""
     if isinstance(data, str):
-        try:
-            data = yaml.safe_load(data)
-        except yaml.YAMLError as exc:
-            raise ScenarioError(source, [f"not valid YAML: {exc}"]) from None
-    if not isinstance(data, Mapping):
-        raise ScenarioError(source, ["top level must be a mapping"])
-    try:
-        return Scenario.model_validate(dict(data))
-    except ValidationError as exc:
-        raise ScenarioError(source, format_errors(exc)) from None
+        data = load_yaml(data, source, ScenarioError)
+    return validate_mapping(Scenario, data, source, ScenarioError)
 
 
 def load_scenario(path: str | Path) -> Scenario:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ScenarioError(str(path), [f"cannot read: {exc.strerror}"]) from None
-    return parse_scenario(text, source=str(path))
+    return parse_scenario(read_text(path, ScenarioError), source=str(path))
 
 
 # --- rate shapes ---------------------------------------------------------------------------
