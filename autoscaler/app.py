@@ -60,6 +60,9 @@ class Autoscaler:
 
     async def on_lost(self) -> None:
         log.warning("lost the leader lease: stopping the control loop")
+        self.stop_leading()
+
+    def stop_leading(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
         self.metrics.leader.set(0)
@@ -94,7 +97,7 @@ async def serve(args: Namespace) -> int:
     await stop.wait()
     log.info("stopping: draining every replica")
     lease_task.cancel()
-    await app.on_lost()
+    app.stop_leading()                        # a clean stop: the lease is released below
     await app.provider.close()
     await lease.release()
     await lease.close()

@@ -185,6 +185,9 @@ class StreamPath:
         finally:
             if self._outbox is outbox:
                 self._outbox = None
+            # End the request generator too: gRPC's task feeding the stream waits in
+            # it, and would otherwise stay pending until garbage collection.
+            outbox.put_nowait(None)
             # Everyone still waiting on this stream learns it broke.
             exc = error or grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None,
                                                 f"stream to {self.address} ended")
