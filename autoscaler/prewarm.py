@@ -138,6 +138,20 @@ def warm_plan(config: MeshConfig, model: str | None, *, pipeline: str | None = N
     return WarmPlan(trigger=model, pipelines=tuple(names), items=tuple(items))
 
 
+def serial_cold_start_s(config: MeshConfig, pipeline: str, cold_start_s: Mapping[str, float]) -> float:
+    """What a cold pipeline waits for cold starts when each model warms only as a
+    node first reaches it: the longest dependency path, summing each node's model
+    start (models missing from ``cold_start_s``, e.g. a branch not taken, count 0).
+    Coordinated warming can at best bring this down to the longest single start."""
+    pipe = _pipeline(config, pipeline)
+
+    def cost(node: str) -> float:
+        return float(cold_start_s.get(pipe.nodes[node].model, 0.0))
+
+    starts = _node_times(node_dependencies(pipe), cost)
+    return max((starts[n] + cost(n) for n in pipe.nodes), default=0.0)
+
+
 # ------------------------------------------------------------------- helpers
 
 

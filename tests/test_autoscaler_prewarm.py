@@ -122,3 +122,16 @@ def test_a_model_in_two_pipelines_takes_its_earliest_need() -> None:
 def test_order_pairs_model_and_level(mesh) -> None:
     plan = warm_plan(mesh, "embedder")
     assert plan.order == [("intent-classifier", 0), ("kb-index", 1), ("sql-executor", 1), ("dialogue-llm", 2)]
+
+
+def test_serial_cold_start_sums_the_longest_dependency_path(mesh) -> None:
+    from autoscaler.prewarm import serial_cold_start_s
+
+    starts = {"embedder": 0.5, "intent-classifier": 0.7, "kb-index": 0.1, "dialogue-llm": 0.3}
+    # intent and embed start together; retrieve waits for embed, the answer for both.
+    chain = serial_cold_start_s(mesh, "support-agent", starts)
+    longest = max(starts["embedder"] + starts["kb-index"], starts["intent-classifier"]) + starts["dialogue-llm"]
+    assert chain == pytest.approx(longest)
+    assert serial_cold_start_s(mesh, "support-agent", {}) == 0.0
+    with pytest.raises(NotFound):
+        serial_cold_start_s(mesh, "nope", starts)
