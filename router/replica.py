@@ -85,11 +85,13 @@ class _Mailbox:
     """Responses for one request on a shared stream. Lighter than an asyncio.Queue
     on the hot path: a deque plus one future while the consumer waits."""
 
-    __slots__ = ("items", "waiter")
+    __slots__ = ("items", "waiter", "wire_id", "client_id", "timer")
 
-    def __init__(self) -> None:
+    def __init__(self, wire_id: str, client_id: str) -> None:
         self.items: collections.deque = collections.deque()
         self.waiter: asyncio.Future | None = None
+        self.wire_id, self.client_id = wire_id, client_id
+        self.timer: asyncio.TimerHandle | None = None
 
     def put(self, item) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -194,17 +196,29 @@ class StreamPath:
             for mailbox in list(self._pending.values()):
                 mailbox.put(exc)
 
-    async def _exchange(self, request: pb.ModelInferRequest, timeout: float) -> AsyncIterator[pb.ModelInferResponse]:
+    async def _send(self, request: pb.ModelInferRequest, timeout: float) -> _Mailbox:
+        """Queue ``request`` on the stream under a wire id of its own (clients' ids
+        may repeat); its answers, or ``_TIMEOUT`` at the deadline, come to the
+        returned mailbox. The request carries the wire id until it is serialised,
+        so the caller ends every exchange with ``_done``, which restores it."""
         outbox = await self._ensure_stream()
-        client_id = request.id
-        wire_id = f"{next(self._ids)}"
-        request.id = wire_id
-        mailbox = _Mailbox()
-        self._pending[wire_id] = mailbox
+        mailbox = _Mailbox(f"{next(self._ids)}", request.id)
+        request.id = mailbox.wire_id
+        self._pending[mailbox.wire_id] = mailbox
+        mailbox.timer = asyncio.get_running_loop().call_later(timeout, mailbox.put, _TIMEOUT)
+        outbox.put_nowait(request)
+        return mailbox
+
+    def _done(self, request: pb.ModelInferRequest, mailbox: _Mailbox) -> None:
+        mailbox.timer.cancel()
+        self._pending.pop(mailbox.wire_id, None)
+        request.id = mailbox.client_id
+
+    async def _exchange(self, request: pb.ModelInferRequest, timeout: float) -> AsyncIterator[pb.ModelInferResponse]:
+        mailbox = await self._send(request, timeout)
+        client_id = mailbox.client_id
         started = False
-        timer = asyncio.get_running_loop().call_later(timeout, mailbox.put, _TIMEOUT)
         try:
-            outbox.put_nowait(request)
             while True:
                 item = await mailbox.get()
                 if item is _TIMEOUT:
@@ -225,26 +239,16 @@ class StreamPath:
                                f"replica {self.address} did not answer within the deadline",
                                started=started) from None
         finally:
-            timer.cancel()
-            self._pending.pop(wire_id, None)
-            request.id = client_id
+            self._done(request, mailbox)
 
     async def call_once(self, request: pb.ModelInferRequest, timeout: float) -> pb.ModelInferResponse:
         """One whole answer (the request carries cmesh-collect); a plain coroutine,
         because unary calls are the hot path and generators cost a hop each."""
-        outbox = await self._ensure_stream()
-        client_id, wire_id = request.id, f"{next(self._ids)}"
-        request.id = wire_id
-        mailbox = _Mailbox()
-        self._pending[wire_id] = mailbox
-        timer = asyncio.get_running_loop().call_later(timeout, mailbox.put, _TIMEOUT)
+        mailbox = await self._send(request, timeout)
         try:
-            outbox.put_nowait(request)
             item = await mailbox.get()
         finally:
-            timer.cancel()
-            self._pending.pop(wire_id, None)
-            request.id = client_id
+            self._done(request, mailbox)
         if item is _TIMEOUT:
             raise BackendError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"replica {self.address} did not answer within the deadline")
@@ -252,7 +256,7 @@ class StreamPath:
             raise self._broken(item, started=False)
         if item.error_message:
             raise _error_from_stream(item, started=False)
-        item.infer_response.id = client_id
+        item.infer_response.id = request.id
         return item.infer_response
 
     def _broken(self, err: grpc.aio.AioRpcError, started: bool) -> BackendError:
