@@ -1,11 +1,8 @@
 """The autoscaler on real processes: its local provider starts model-server
 replicas, the router follows its endpoint stream. Timing-only (sleep) models."""
 import asyncio
-import json
 import os
 import signal
-import subprocess
-import sys
 
 import grpc
 import numpy as np
@@ -13,6 +10,7 @@ import pytest
 
 from cmesh.client import AsyncClient
 from cmesh.config import load_config
+from cmesh.proc import spawn_service
 from meshtest import REPO, free_port, running_router, sleep_model, write_config
 from protos import mesh_pb2, mesh_pb2_grpc
 
@@ -27,15 +25,13 @@ def x(value: float) -> dict:
 class AutoscalerProcess:
     def __init__(self, cfg_path, state_dir, port: int) -> None:
         env = {**os.environ, "CMESH_STATE_DIR": str(state_dir)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "autoscaler", "--config", str(cfg_path), "--listen",
-                                      f"127.0.0.1:{port}", "--log-level", "INFO"], cwd=REPO, env=env,
-                                     stdout=subprocess.PIPE, stderr=open(state_dir / "autoscaler.log", "ab"),
-                                     text=True)
-        for line in self.proc.stdout:
-            if line.startswith("{") and json.loads(line).get("event") == "ready":
-                break
-        else:
-            raise RuntimeError((state_dir / "autoscaler.log").read_text()[-3000:])
+        log = state_dir / "autoscaler.log"
+        try:
+            self.proc, _ = spawn_service(["-m", "autoscaler", "--config", str(cfg_path), "--listen",
+                                          f"127.0.0.1:{port}", "--log-level", "INFO"],
+                                         env=env, cwd=REPO, stderr=open(log, "ab"))
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{log.read_text()[-3000:]}") from None
         self.address = f"127.0.0.1:{port}"
 
     async def status(self) -> mesh_pb2.StatusResponse:
