@@ -20,15 +20,38 @@ IN_FEATURES, OUT_FEATURES = 4, 3
 
 def test_module_imports_and_says_why_it_is_unavailable():
     trt_engine = importlib.import_module("model_server.engines.tensorrt")
-    if trt_engine.UNAVAILABLE_REASON is None:
+    reason = trt_engine.probe()
+    if reason is None:
         assert engine_class("tensorrt") is trt_engine.TensorRTEngine
         return
-    assert "tensorrt" not in base._REGISTRY
     with pytest.raises(ValueError) as err:
         engine_class("tensorrt")
     message = str(err.value)
-    assert "not available here" in message and trt_engine.UNAVAILABLE_REASON in message
+    assert "not available here" in message and reason in message
     assert "unknown engine" not in message
+    assert "tensorrt" not in base._REGISTRY
+
+
+def test_optional_engines_are_probed_on_first_use_only(monkeypatch):
+    """Importing the engines must not probe (the fork server imports them before
+    forking, and a CUDA probe then would break CUDA in every replica)."""
+    probes = []
+
+    class Optional(base.Engine):
+        kind = "optional-test"
+
+    for table in ("_REGISTRY", "_UNAVAILABLE", "_DEFERRED"):     # a scratch registry
+        monkeypatch.setattr(base, table, dict(getattr(base, table)))
+    base.register_if_available(Optional, lambda: probes.append(1) or "no accelerator here")
+    assert probes == []
+    for _ in range(2):
+        with pytest.raises(ValueError, match="not available here: no accelerator here"):
+            engine_class("optional-test")
+    assert probes == [1]                           # once, then remembered
+
+    base._UNAVAILABLE.clear()
+    base.register_if_available(Optional, lambda: None)
+    assert engine_class("optional-test") is Optional
 
 
 def test_probe_names_the_missing_piece():

@@ -1,7 +1,8 @@
 """The replica fork server's preload: what a forked replica inherits.
 
-Forking is only safe while the zygote has a single thread, so preloading must
-import the heavy libraries and the server without starting any. Replicas forked
+Forking is only safe while the zygote has a single thread and has not touched
+CUDA, so preloading must import the heavy libraries and the server without
+starting a thread or asking for a GPU. Replicas forked
 from it serve end to end in tests/test_autoscaler_e2e.py."""
 import json
 import subprocess
@@ -24,6 +25,8 @@ print(json.dumps({
     "modeling": [m for m in ("transformers.models.bert.modeling_bert",
                              "transformers.models.llama.modeling_llama") if m not in sys.modules],
     "conversions": conversions,
+    "deferred": sorted(sys.modules["model_server.engines.base"]._DEFERRED),
+    "cuda_initialized": sys.modules["torch"].cuda.is_initialized(),
 }))
 """
 
@@ -36,3 +39,5 @@ def test_preload_imports_the_server_and_starts_no_thread():
     assert facts["missing"] == []
     assert facts["modeling"] == []                    # every architecture of the store, once
     assert facts["conversions"] in (True, None)       # built before forking where transformers has it
+    # Forked children can use CUDA only if the zygote never touched it.
+    assert "tensorrt" in facts["deferred"] and not facts["cuda_initialized"]

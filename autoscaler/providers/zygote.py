@@ -24,11 +24,13 @@ import sys
 PRELOAD = ("numpy", "torch", "safetensors", "tokenizers", "transformers",
            "cmesh.config", "cmesh.pipeline_check", "cmesh.manifest", "cmesh.tensors",
            "model_server.engines.base",
-           # The server itself (gRPC, health, Prometheus, uvloop, the data plane and the
-           # built-in engines): ~0.1 s of imports a replica of even the smallest model paid.
-           # Importing them starts no thread; servers and channels are made in the child.
+           # The server itself (gRPC, health, Prometheus, uvloop, the data plane): ~0.1 s
+           # of imports a replica of even the smallest model paid. Importing them starts
+           # no thread; servers and channels are made in the child. Nothing here may
+           # touch CUDA either (a process forked after that cannot use it): optional
+           # engines probe for their GPU on first use, in the replica.
            "uvloop", "grpc", "grpc_health.v1.health", "prometheus_client",
-           "model_server.__main__", "model_server.server", "model_server.engines")
+           "model_server.__main__", "model_server.server")
 
 
 def preload(model_types: list[str]) -> None:

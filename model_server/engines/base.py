@@ -11,6 +11,7 @@ fails its batch neighbours.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -160,6 +161,10 @@ _REGISTRY: dict[str, type[Engine]] = {}
 # Optional engines that cannot work in this process (e.g. no TensorRT or no GPU)
 # record why here instead of registering, so choosing them says why, not "unknown".
 _UNAVAILABLE: dict[str, str] = {}
+# Optional engines whose availability is checked on first use, not at import:
+# the check may touch the GPU driver, which a process must not do before it forks
+# (the replica fork server imports this package).
+_DEFERRED: dict[str, tuple[type[Engine], Callable[[], str | None]]] = {}
 
 
 def register(cls: type[Engine]) -> type[Engine]:
@@ -167,13 +172,22 @@ def register(cls: type[Engine]) -> type[Engine]:
     return cls
 
 
-def mark_unavailable(kind: str, reason: str) -> None:
-    _UNAVAILABLE[kind] = reason
+def register_if_available(cls: type[Engine], probe: Callable[[], str | None]) -> None:
+    """Register ``cls`` on its first look-up if ``probe()`` (the reason it cannot
+    run here, or None) allows; otherwise remember the reason."""
+    _DEFERRED[cls.kind] = (cls, probe)
 
 
 def engine_class(kind: str) -> type[Engine]:
     from model_server import engines  # noqa: F401  (registers the built-in engines)
 
+    if kind in _DEFERRED:
+        cls, probe = _DEFERRED.pop(kind)
+        reason = probe()
+        if reason is None:
+            register(cls)
+        else:
+            _UNAVAILABLE[kind] = reason
     try:
         return _REGISTRY[kind]
     except KeyError:

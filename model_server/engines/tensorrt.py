@@ -7,10 +7,11 @@ inputs must be exactly the engine's inputs (TensorRT binds every input), its
 outputs a subset of the engine's outputs. Request checks, grouping by shape and
 per-item error isolation are shared with the ``torch`` engine (``TensorEngine``).
 
-This module imports cleanly everywhere. It registers the engine only where
-``tensorrt`` imports and CUDA is available; otherwise it registers nothing,
-records the reason in ``UNAVAILABLE_REASON`` and with the engine registry, so
-a model configured with ``engine: tensorrt`` fails to load with that reason.
+This module imports cleanly everywhere and touches neither TensorRT nor CUDA on
+import. The first look-up of the ``tensorrt`` engine runs ``probe``: where
+``tensorrt`` imports and CUDA is available the engine is registered; otherwise
+the registry keeps the reason, and a model configured with ``engine: tensorrt``
+fails to load with it.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from model_server.engines.base import mark_unavailable, register
+from model_server.engines.base import register_if_available
 from model_server.engines.torch_util import resolve_device
 from model_server.engines.torchscript import (OutputContractError, TensorEngine, check_output, first_line,
                                               is_batchable, version_file)
@@ -182,8 +183,6 @@ class TensorRTEngine(TensorEngine):
             self._torch.cuda.empty_cache()
 
 
-UNAVAILABLE_REASON: str | None = probe()
-if UNAVAILABLE_REASON is None:
-    register(TensorRTEngine)
-else:
-    mark_unavailable(KIND, UNAVAILABLE_REASON)
+# Probed on first use: asking torch about CUDA initialises the driver, and the
+# replica fork server imports every engine module before it forks.
+register_if_available(TensorRTEngine, probe)
