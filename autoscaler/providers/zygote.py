@@ -106,6 +106,10 @@ def die_with_parent() -> None:
 
 def serve(model_types: list[str]) -> None:
     die_with_parent()
+    # Should anything ask torch whether CUDA is there before we fork, answer from
+    # NVML instead of initialising the driver (torch's documented remedy for
+    # "CUDA initialization error" in forked children).
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     preload(model_types)
     # Forked replicas are reparented to init when they exit after we do; while we
     # live, reap them so none lingers as a zombie.
