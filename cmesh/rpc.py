@@ -46,15 +46,26 @@ def stream_error(request: pb.ModelInferRequest, exc: MeshError) -> pb.ModelStrea
     return resp
 
 
-async def serve_stream(request_iterator, answer):
+async def serve_stream(request_iterator, answer, what: str = "stream request"):
     """Run ``answer(request, emit)`` concurrently for every request on a stream and
-    yield what they emit, until the client closes its side and all are answered."""
+    yield what they emit, until the client closes its side and all are answered.
+    A request that fails is answered on the stream with its error (anything not a
+    MeshError as INTERNAL) and never ends the stream for the others."""
     out: asyncio.Queue = asyncio.Queue()
     tasks: set[asyncio.Task] = set()
 
+    async def run(request: pb.ModelInferRequest) -> None:
+        try:
+            await answer(request, out.put)
+        except MeshError as exc:
+            await out.put(stream_error(request, exc))
+        except Exception as exc:  # noqa: BLE001
+            log.exception("unexpected error in %s", what)
+            await out.put(stream_error(request, Internal(f"internal error: {exc}")))
+
     async def read() -> None:
         async for request in request_iterator:
-            task = asyncio.create_task(answer(request, out.put))
+            task = asyncio.create_task(run(request))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:

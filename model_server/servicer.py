@@ -1,17 +1,13 @@
 """Thin OIP servicer: protobuf <-> data plane objects, errors -> status codes."""
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 
 from cmesh import tensors
-from cmesh.errors import Internal, MeshError
-from cmesh.rpc import guarded, serve_stream, stream_error
+from cmesh.rpc import guarded, serve_stream
 from model_server.dataplane import DataPlane, InferRequest, InferResponse
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-
-log = logging.getLogger(__name__)
 
 SERVER_NAME = "cmesh-model-server"
 COLLECT = "cmesh-collect"       # request parameter: answer a stream request in one response
@@ -81,22 +77,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Requests on one stream run concurrently; responses carry the request id."""
 
         async def answer(request: pb.ModelInferRequest, emit) -> None:
-            try:
-                domain = to_domain(request)
-                if domain.parameters.get(COLLECT):
-                    # A unary caller multiplexed onto this stream (the router's data
-                    # path): one whole answer, even from a generative model.
-                    response = to_proto(await self.dataplane.infer(domain))
-                    tensors.set_param(response.parameters, "triton_final_response", True)
-                    await emit(pb.ModelStreamInferResponse(infer_response=response))
-                    return
-                async for piece in self.dataplane.stream(domain):
-                    await emit(pb.ModelStreamInferResponse(infer_response=to_proto(piece)))
-            except MeshError as exc:
-                await emit(stream_error(request, exc))
-            except Exception as exc:  # noqa: BLE001
-                log.exception("unexpected error in stream request")
-                await emit(stream_error(request, Internal(f"internal error: {exc}")))
+            domain = to_domain(request)
+            if domain.parameters.get(COLLECT):
+                # A unary caller multiplexed onto this stream (the router's data
+                # path): one whole answer, even from a generative model.
+                response = to_proto(await self.dataplane.infer(domain))
+                tensors.set_param(response.parameters, "triton_final_response", True)
+                await emit(pb.ModelStreamInferResponse(infer_response=response))
+                return
+            async for piece in self.dataplane.stream(domain):
+                await emit(pb.ModelStreamInferResponse(infer_response=to_proto(piece)))
 
         async for response in serve_stream(request_iterator, answer):
             yield response

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from cmesh.config import MeshConfig
-from cmesh.errors import Internal, InvalidInput, MeshError, NotFound, Unavailable
-from cmesh.rpc import guarded, serve_stream, stream_error
+from cmesh.errors import InvalidInput, MeshError, NotFound, Unavailable, abort_with
+from cmesh.rpc import guarded, serve_stream
 from cmesh.tensors import decode_parameters
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
@@ -113,23 +113,15 @@ class RouterServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             principal = self.door.principal(context)
         except MeshError as exc:
-            from cmesh.errors import abort_with
-
             await abort_with(context, exc)
             return
 
         async def answer(request: pb.ModelInferRequest, emit) -> None:
-            try:
-                ctx = self.door.context(context, request, principal)
-                async for response in self.core.stream(ctx, request):
-                    await emit(pb.ModelStreamInferResponse(infer_response=response))
-            except MeshError as exc:
-                await emit(stream_error(request, exc))
-            except Exception as exc:  # noqa: BLE001
-                log.exception("unexpected error in routed stream request")
-                await emit(stream_error(request, Internal(f"internal error: {exc}")))
+            ctx = self.door.context(context, request, principal)
+            async for response in self.core.stream(ctx, request):
+                await emit(pb.ModelStreamInferResponse(infer_response=response))
 
-        async for response in serve_stream(request_iterator, answer):
+        async for response in serve_stream(request_iterator, answer, what="routed stream request"):
             yield response
 
 
