@@ -1,6 +1,6 @@
 """Dynamic batching on the MiniLM embedder: engine alone vs served, batching on vs off.
 
-    python -m loadtest.bench_batching [--seconds 8] [--concurrency 128]
+    python -m loadtest.bench_batching [--seconds 8] [--concurrency 128] [--device cuda]
 
 Prints one JSON object last: offline_max_batch_rps (engine alone, largest batch,
 same process, tokenization included), served_rps (through gRPC with dynamic
@@ -34,7 +34,7 @@ def texts(n: int) -> list[str]:
     return [f"{SENTENCES[i % len(SENTENCES)]} (ticket {i})" for i in range(n)]
 
 
-def offline_rps(store: Path, max_batch: int, seconds: float) -> float:
+def offline_rps(store: Path, max_batch: int, seconds: float, device: str = "cpu") -> float:
     from cmesh.store import ModelStore
     from model_server.engines.base import EngineContext
     from model_server.engines.hf_encoder import HFEncoderEngine
@@ -42,7 +42,7 @@ def offline_rps(store: Path, max_batch: int, seconds: float) -> float:
     version = ModelStore(str(store)).open("store://minilm-l6/1")
     engine = HFEncoderEngine(EngineContext(model="embedder", variant="default", model_dir=version.local_dir,
                                            manifest=version.manifest, options=version.manifest.options,
-                                           max_batch_size=max_batch))
+                                           max_batch_size=max_batch, device=device))
     engine.load()
     engine.warmup()
     batch = np.array([t.encode() for t in texts(max_batch)], dtype=object)
@@ -84,12 +84,13 @@ async def drive(address: str, concurrency: int, seconds: float, warmup: float) -
         return counted / seconds, latencies
 
 
-def served(store: Path, max_batch: int, delay_ms: float, concurrency: int, seconds: float
-           ) -> tuple[float, list[float]]:
+def served(store: Path, max_batch: int, delay_ms: float, concurrency: int, seconds: float,
+           device: str = "cpu") -> tuple[float, list[float]]:
     config = write_temp_config({"store": str(store), "models": {"embedder": {
         "source": "store://minilm-l6/1",
         "batching": {"max_batch_size": max_batch, "max_queue_delay_ms": delay_ms,
-                     "max_queue_size": 4 * concurrency}}}})
+                     "max_queue_size": 4 * concurrency},
+        "resources": {"device": device}}}})
     server = ServerProc(config, ["embedder"])
     try:
         import uvloop
@@ -107,25 +108,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=128, help="requests in flight")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--delay-ms", type=float, default=4.0)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N, for every run")
     args = p.parse_args(argv)
 
     from cmesh.bootstrap import bootstrap
 
     store = Path(args.store)
     bootstrap(store, progress=lambda line: print(line, flush=True), only=["minilm-l6/1"])
-    offline = offline_rps(store, args.max_batch, args.seconds)
+    offline = offline_rps(store, args.max_batch, args.seconds, args.device)
     print(f"offline engine, batch {args.max_batch}: {offline:.0f} texts/s", flush=True)
-    served_rps, lat = served(store, args.max_batch, args.delay_ms, args.concurrency, args.seconds)
+    served_rps, lat = served(store, args.max_batch, args.delay_ms, args.concurrency, args.seconds, args.device)
     print(f"served with dynamic batching: {served_rps:.0f} req/s, p50 {percentile_ms(lat, 50):.1f} ms, "
           f"p99 {percentile_ms(lat, 99):.1f} ms", flush=True)
-    nobatch_rps, _ = served(store, 1, 0.0, args.concurrency, args.seconds)
+    nobatch_rps, _ = served(store, 1, 0.0, args.concurrency, args.seconds, args.device)
     print(f"served with max_batch_size 1: {nobatch_rps:.0f} req/s", flush=True)
     emit({"offline_max_batch_rps": round(offline, 1), "served_rps": round(served_rps, 1),
           "nobatch_rps": round(nobatch_rps, 1),
           "served_over_offline": round(served_rps / offline, 3),
           "batching_gain": round(served_rps / nobatch_rps, 3),
           "p50_ms": round(percentile_ms(lat, 50), 2), "p99_ms": round(percentile_ms(lat, 99), 2),
-          "concurrency": args.concurrency, "max_batch_size": args.max_batch})
+          "concurrency": args.concurrency, "max_batch_size": args.max_batch, "device": args.device})
     return 0
 
 
