@@ -14,6 +14,7 @@ from autoscaler.leader import make_lease
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.service import AutoscalerServicer
 from cmesh.config import MeshConfig, load_config
+from cmesh.internal_auth import MeshCredentials, server_interceptors, token_from_env
 from cmesh.serving import grpc_server, start_metrics
 from cmesh.tls import add_port
 from protos import mesh_pb2_grpc
@@ -21,7 +22,7 @@ from protos import mesh_pb2_grpc
 log = logging.getLogger(__name__)
 
 
-def make_provider(config: MeshConfig, args: Namespace):
+def make_provider(config: MeshConfig, args: Namespace, credentials: MeshCredentials | None = None):
     if config.autoscaler.provider == "kubernetes":
         from autoscaler.providers.kubernetes import KubernetesProvider
 
@@ -33,21 +34,29 @@ def make_provider(config: MeshConfig, args: Namespace):
     loopback = args.advertise_host in ("127.0.0.1", "localhost", "::1")
     return LocalProvider(config, args.config, host="127.0.0.1" if loopback else "0.0.0.0",
                          advertise_host=args.advertise_host, zygote=not args.no_fork_server,
-                         state_dir=os.environ.get("CMESH_STATE_DIR", ".cmesh/autoscaler"))
+                         state_dir=os.environ.get("CMESH_STATE_DIR", ".cmesh/autoscaler"),
+                         credentials=credentials)
 
 
 class Autoscaler:
     """Leads (runs the loop and the provider) while it holds the lease; as a
     standby it serves Status and waits, publishing no table."""
 
-    def __init__(self, config: MeshConfig, args: Namespace) -> None:
+    def __init__(self, config: MeshConfig, args: Namespace, credentials: MeshCredentials | None = None) -> None:
         self.config = config
         self.args = args
         self.metrics = AutoscalerMetrics()
-        self.provider = make_provider(config, args)
+        self.provider = make_provider(config, args, credentials)
         self.controller = Controller(config, self.provider, metrics=self.metrics)
         self.leading = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self.monitor = None                     # per-model readiness probe, where the provider can replace
+        self._monitor_task: asyncio.Task | None = None
+        if hasattr(self.provider, "replace"):
+            from autoscaler.prober import ReadinessMonitor, ReplicaProber
+
+            probe = config.autoscaler.readiness_probe
+            self.monitor = ReadinessMonitor(self.provider, ReplicaProber(credentials, probe.timeout_s), probe)
 
     async def on_elected(self) -> None:
         log.info("leading: adopting running replicas and starting the control loop")
@@ -55,6 +64,8 @@ class Autoscaler:
             await self.provider.adopt()
         await self.controller._publish()
         self._loop_task = asyncio.create_task(self.controller.run(), name="control-loop")
+        if self.monitor is not None:
+            self._monitor_task = asyncio.create_task(self.monitor.run(), name="readiness-probe")
         self.metrics.leader.set(1)
         self.leading.set()
 
@@ -63,8 +74,9 @@ class Autoscaler:
         self.stop_leading()
 
     def stop_leading(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
+        for task in (self._loop_task, self._monitor_task):
+            if task is not None:
+                task.cancel()
         self.metrics.leader.set(0)
         self.leading.clear()
 
@@ -75,11 +87,12 @@ async def serve(args: Namespace) -> int:
         config.autoscaler.provider = args.provider
     listen = args.listen or config.autoscaler.listen
     redis_url = args.redis or config.redis_url or os.environ.get("REDIS_URL") or None
-    app = Autoscaler(config, args)
+    token = token_from_env(config, os.environ)  # before anything starts: a ConfigError exits 2
+    app = Autoscaler(config, args, MeshCredentials.of(config, token))
     if hasattr(app.provider, "start"):
         await app.provider.start()            # e.g. the local fork server's imports, before we say ready
     servicer = AutoscalerServicer(app.controller, leading=app.leading)
-    server = grpc_server(config)
+    server = grpc_server(config, server_interceptors(config, token, service="autoscaler"))
     mesh_pb2_grpc.add_AutoscalerServicer_to_server(servicer, server)
     port = add_port(server, listen, config.security.server_tls)
     await server.start()

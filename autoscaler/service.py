@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from cmesh.errors import InvalidInput, NotFound
+from autoscaler.reports import validate_report
+from cmesh.errors import InvalidInput, NotFound, abort_with
 from cmesh.rpc import guarded
 from protos import mesh_pb2, mesh_pb2_grpc
 
@@ -17,7 +18,13 @@ class AutoscalerServicer(mesh_pb2_grpc.AutoscalerServicer):
 
     async def ReportLoad(self, request_iterator, context):
         # A standby keeps its window warm too, so it can decide at once when it takes over.
+        models = self.controller.config.models
         async for report in request_iterator:
+            try:
+                validate_report(report, models)    # whole, before any of it reaches the window
+            except InvalidInput as exc:
+                log.warning("load report from %r refused: %s", report.source[:64], exc.message)
+                await abort_with(context, exc)
             self.controller.on_report(report)
         return mesh_pb2.ReportLoadAck()
 

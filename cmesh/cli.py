@@ -112,7 +112,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     import asyncio
     import os
 
-    from cmesh.cost import build_report, format_table, report_from_proto, to_json
+    from cmesh.cost import build_report, format_table, format_warning, report_from_proto, to_json
 
     redis_url, router = args.redis, args.router
     if redis_url is None and router is None:
@@ -176,7 +176,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     idle = None
     if args.autoscaler:
         # Idle capacity: replica time the autoscaler ran, minus compute requests used.
-        replica_s = _replica_seconds(args.autoscaler, args.timeout)
+        replica_s = _replica_seconds(args.autoscaler, args.timeout, args.config)
         if replica_s is None:
             return 1
         if args.by != "model":
@@ -191,12 +191,17 @@ def _cmd_cost(args: argparse.Namespace) -> int:
 
         idle = idle_capacity(replica_s, {line.key: line.compute_s for line in by_model.rows},
                              load_config(args.config))
+    warning = format_warning(report)          # events spooled or dropped by the router
     if args.json:
         out = to_json(report)
         if idle is not None:
             out["idle_capacity"] = [vars(line) for line in idle]
+        if warning:
+            print(warning, file=sys.stderr)   # stdout stays JSON; "incomplete" says the same
         print(json.dumps(out, indent=2))
     else:
+        if warning:
+            print(warning)
         print(format_table(report))
         if idle is not None:
             from cmesh.cost import format_idle
@@ -205,16 +210,46 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replica_seconds(address: str, timeout: float) -> dict[str, float] | None:
+def _internal_token(config_path: str | None) -> tuple[tuple[str, str], ...]:
+    """Metadata with the mesh-internal token for calls to the autoscaler: the env var
+    that the config's security.internal_token_env names, when both exist."""
+    from cmesh.internal_auth import HEADER
+
+    name = None
+    if config_path and Path(config_path).is_file():
+        from cmesh.config import load_config
+        from cmesh.validation import ConfigError
+
+        try:
+            name = load_config(config_path).security.internal_token_env
+        except ConfigError:
+            name = None
+    token = os.environ.get(name, "").strip() if name else ""
+    return ((HEADER, token),) if token else ()
+
+
+def _token_hint(code, config_path: str | None) -> str:
+    import grpc
+
+    if code != grpc.StatusCode.UNAUTHENTICATED:
+        return ""
+    return (" (the autoscaler wants the mesh-internal token: set the environment variable its config's "
+            f"security.internal_token_env names - `make up` prints it - and pass that config with --config; "
+            f"now {config_path})")
+
+
+def _replica_seconds(address: str, timeout: float, config_path: str | None = None) -> dict[str, float] | None:
     import grpc
 
     from protos import mesh_pb2, mesh_pb2_grpc
 
     try:
         with grpc.insecure_channel(address) as channel:
-            status = mesh_pb2_grpc.AutoscalerStub(channel).Status(mesh_pb2.StatusRequest(), timeout=timeout)
+            status = mesh_pb2_grpc.AutoscalerStub(channel).Status(
+                mesh_pb2.StatusRequest(), timeout=timeout, metadata=_internal_token(config_path))
     except grpc.RpcError as exc:
-        print(f"error: autoscaler {address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(f"error: autoscaler {address}: {exc.code().name}: {exc.details()}"
+              f"{_token_hint(exc.code(), config_path)}", file=sys.stderr)
         return None
     return {m.model: m.replica_seconds for m in status.models}
 
@@ -228,10 +263,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     try:
         with grpc.insecure_channel(args.autoscaler) as channel:
-            status = mesh_pb2_grpc.AutoscalerStub(channel).Status(mesh_pb2.StatusRequest(), timeout=args.timeout)
+            status = mesh_pb2_grpc.AutoscalerStub(channel).Status(
+                mesh_pb2.StatusRequest(), timeout=args.timeout, metadata=_internal_token(args.config))
     except grpc.RpcError as exc:
-        print(f"error: autoscaler {args.autoscaler}: {exc.code().name}: {exc.details()}; is one running? "
-              f"(make up starts one; pass --autoscaler HOST:PORT)", file=sys.stderr)
+        hint = _token_hint(exc.code(), args.config) or \
+            "; is one running? (make up starts one; pass --autoscaler HOST:PORT)"
+        print(f"error: autoscaler {args.autoscaler}: {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(MessageToDict(status, preserving_proto_field_name=True), indent=2))
@@ -301,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--replicas", action="store_true", help="list every replica")
     status.add_argument("--json", action="store_true")
     status.add_argument("--timeout", type=float, default=5.0)
+    status.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="mesh.yaml whose security.internal_token_env names the env var holding the "
+                             f"mesh-internal token the autoscaler wants (default {DEFAULT_CONFIG})")
     status.set_defaults(func=_cmd_status)
 
     from cmesh.cli_pipeline import add_parser as add_pipeline_parser
@@ -319,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--autoscaler", default=None, metavar="HOST:PORT",
                       help="also show idle capacity: replica time the autoscaler ran that no request used")
     cost.add_argument("--config", default=DEFAULT_CONFIG,
-                      help=f"mesh.yaml with the prices, used with --redis (default {DEFAULT_CONFIG})")
+                      help=f"mesh.yaml with the prices, used with --redis, and naming the env var of the "
+                           f"mesh-internal token for --autoscaler (default {DEFAULT_CONFIG})")
     source = cost.add_mutually_exclusive_group()
     source.add_argument("--redis", metavar="URL", default=None, help="read the metering store in Redis")
     source.add_argument("--router", metavar="HOST:PORT", default=None,

@@ -79,6 +79,14 @@ class VariantConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class ModelTrustConfig(Strict):
+    """What the trust layer does to one model's answers (inputs are always masked)."""
+
+    mask_outputs: bool = Field(False, description="mask e-mails, phones and cards in text outputs")
+    redact_fields: list[str] = Field(default_factory=list,
+                                     description="JSON text outputs: replace these keys' values")
+
+
 class ModelConfig(Strict):
     source: str | None = Field(None, min_length=1, description="store://name/version, path or URL")
     variants: dict[str, VariantConfig] | None = None
@@ -90,6 +98,8 @@ class ModelConfig(Strict):
     price: PriceConfig = Field(default_factory=PriceConfig)
     options: dict[str, Any] = Field(default_factory=dict, description="engine option overrides")
     tenants: list[str] | None = Field(None, description="tenants allowed to call it; None: every tenant")
+    internal: bool = Field(False, description="reachable only as a pipeline node, never by a direct call")
+    trust: ModelTrustConfig = Field(default_factory=ModelTrustConfig)
     endpoints: list[str] | dict[Literal["dedicated", "serverless"], list[str]] = Field(
         default_factory=list,
         description="static host:port replicas for a router without an autoscaler; a list "
@@ -204,13 +214,33 @@ class TenantConfig(Strict):
     admin: bool = False
 
 
+class InputLimits(Strict):
+    """What one request may declare, checked against the bytes present before
+    anything is allocated (router and model server share the check)."""
+
+    max_elements: int = Field(2**24, ge=1, description="elements in one tensor")
+    max_rank: int = Field(8, ge=1, le=32, description="dimensions of one tensor")
+    max_batch: int = Field(65536, ge=1, description="size of a tensor's first dimension")
+    max_inputs: int = Field(64, ge=1, description="input tensors in one request")
+    max_text_elements: int = Field(16384, ge=1, description="elements of one BYTES tensor (each is "
+                                                            "decoded one by one, on the event loop)")
+    max_text_bytes: int = Field(2**20, ge=1, description="text the trust layer masks per request; "
+                                                             "more is INVALID_ARGUMENT")
+    max_id_chars: int = Field(256, ge=8, description="request id, pipeline id, session, tenant")
+
+
 class ServerConfig(Strict):
     """Limits shared by every gRPC listener."""
+
+    limits: InputLimits = Field(default_factory=InputLimits)
 
     max_message_bytes: int = Field(16 * 2**20, ge=1024, description="larger messages: RESOURCE_EXHAUSTED")
     drain_grace_s: float = Field(30, ge=0, description="SIGTERM: finish in-flight work within this")
     drain_delay_s: float = Field(1.0, ge=0, description="SIGTERM: stay reachable as NOT_SERVING this "
                                                          "long first, so clients notice and stop sending")
+    model_control: Literal["none", "explicit"] = Field(
+        "none", description="replicas' RepositoryModelLoad/Unload, as Triton's --model-control-mode: "
+                            "none (the default) refuses them with FAILED_PRECONDITION; explicit allows them")
 
 
 class BreakerConfig(Strict):
@@ -259,7 +289,13 @@ class SecurityConfig(Strict):
     server_tls: TLSConfig | None = Field(None, description="every listening port")
     client_tls: TLSConfig | None = Field(None, description="every channel to another service")
     admin_keys_env: str | None = Field(None, description="env var with comma-separated admin keys")
+    internal_token_env: str | None = Field(
+        None, min_length=1, description="env var holding the mesh-internal token: replicas and the autoscaler "
+                                        "accept only callers that send it (unless server_tls verifies "
+                                        "client certificates); None and no mutual TLS: internal ports are open")
     audit_log: str | None = Field(None, description="JSONL file for trust-layer audit records")
+    mask_workers: int = Field(1, ge=1, le=64, description="processes that mask large texts off the "
+                                                          "router's event loop")
 
 
 class RouterConfig(Strict):
@@ -290,6 +326,15 @@ class KubernetesConfig(Strict):
     port: int = Field(8001, ge=1, le=65535)
 
 
+class ReadinessProbeConfig(Strict):
+    """The autoscaler's own probe of every ready replica: OIP ModelReady for each model
+    and variant it hosts; a replica failing it this many times in a row is replaced."""
+
+    period_s: float = Field(2.0, gt=0, description="time between probes of one replica")
+    timeout_s: float = Field(1.0, gt=0, description="a probe taking longer fails")
+    failure_threshold: int = Field(3, ge=1, description="consecutive failed probes that replace a replica")
+
+
 class AutoscalerConfig(Strict):
     """The control loop and its policy windows (Knative-style)."""
 
@@ -314,6 +359,7 @@ class AutoscalerConfig(Strict):
     drain_grace_s: float = Field(20.0, ge=0, description="scale-down: in-flight work may take this long")
     ready_timeout_s: float = Field(180.0, gt=0, description="a replica not ready by then is replaced")
     lease_ttl_s: float = Field(5.0, gt=0, description="leader lease in Redis; a standby takes over after it")
+    readiness_probe: ReadinessProbeConfig = Field(default_factory=ReadinessProbeConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
 
     @model_validator(mode="after")

@@ -7,7 +7,9 @@ attributes; output is a ``CostReport`` that the Admin service sends as
     cost = compute_s × price.replica_second + (input + output tokens) / 1000 × price.per_1k_tokens
 
 with the price of the row's model; a model missing from the config costs 0 but
-still appears, so usage is never silently dropped.
+still appears, so usage is never silently dropped. A report also says when the
+store lacks usage the router accepted (events spooled through a Redis outage, or
+dropped): ``incomplete``, and ``format_warning`` words it for people.
 """
 from __future__ import annotations
 
@@ -65,6 +67,12 @@ class CostReport:
     group_by: str
     rows: tuple[CostLine, ...]
     total: CostLine
+    spooled_events: int = 0       # accepted by the router, waiting for the store (not in rows yet)
+    dropped_events: int = 0       # accepted by the router and lost (its spool was full)
+
+    @property
+    def incomplete(self) -> bool:
+        return self.spooled_events > 0 or self.dropped_events > 0
 
 
 def check_group_by(group_by: str) -> str:
@@ -128,9 +136,13 @@ def _sort_key(row: UsageRow) -> tuple:
     return (row.tenant, row.pipeline, row.model, row.variant, row.latency_class, row.status)
 
 
-def build_report(rows: Iterable[UsageRow], config: MeshConfig, group_by: str) -> CostReport:
-    """Group, price and total ``rows``; lines sorted by cost (highest first), then key."""
+def build_report(rows: Iterable[UsageRow], config: MeshConfig, group_by: str, *,
+                 spooled_events: int = 0, dropped_events: int = 0) -> CostReport:
+    """Group, price and total ``rows``; lines sorted by cost (highest first), then key.
+    ``spooled_events`` and ``dropped_events``: usage the rows lack (see ``CostReport``)."""
     check_group_by(group_by)
+    if spooled_events < 0 or dropped_events < 0:
+        raise ValueError("spooled_events and dropped_events: must be >= 0")
     groups: dict[str, CostLine] = {}
     # Float sums depend on order: a canonical order makes equal row sets (from
     # different stores, listed differently) give bit-identical reports.
@@ -142,7 +154,8 @@ def build_report(rows: Iterable[UsageRow], config: MeshConfig, group_by: str) ->
                         compute_s=row.compute_s, cost=price_row(row, config))
         groups[key] = groups[key].plus(line) if key in groups else line
     lines = tuple(sorted(groups.values(), key=lambda line: (-line.cost, line.key)))
-    return CostReport(group_by=group_by, rows=lines, total=_total(lines))
+    return CostReport(group_by=group_by, rows=lines, total=_total(lines),
+                      spooled_events=spooled_events, dropped_events=dropped_events)
 
 
 def _total(lines: Iterable[CostLine]) -> CostLine:
@@ -175,16 +188,33 @@ def format_table(report: CostReport) -> str:
     return "\n".join(out)
 
 
+def format_warning(report: CostReport) -> str:
+    """One line saying why and by how much the report is short; "" when it is complete."""
+    if not report.incomplete:
+        return ""
+    parts = []
+    if report.spooled_events:
+        parts.append(f"{report.spooled_events} metering events are waiting in the router's spool "
+                     "for Redis (they are counted once it is back)")
+    if report.dropped_events:
+        parts.append(f"{report.dropped_events} were dropped and will never be counted")
+    return (f"WARNING: incomplete cost report: {'; '.join(parts)}; the totals are short by "
+            f"{report.spooled_events + report.dropped_events} requests or more")
+
+
 def to_json(report: CostReport) -> dict:
     return {"group_by": report.group_by, "rows": [asdict(line) for line in report.rows],
-            "total": asdict(report.total)}
+            "total": asdict(report.total), "incomplete": report.incomplete,
+            "spooled_events": report.spooled_events, "dropped_events": report.dropped_events}
 
 
 def report_to_proto(report: CostReport) -> mesh_pb2.CostReportResponse:
     return mesh_pb2.CostReportResponse(
         group_by=report.group_by,
         rows=[mesh_pb2.CostRow(**asdict(line)) for line in report.rows],
-        total_cost=report.total.cost, total_compute_s=report.total.compute_s)
+        total_cost=report.total.cost, total_compute_s=report.total.compute_s,
+        incomplete=report.incomplete, spooled_events=report.spooled_events,
+        dropped_events=report.dropped_events)
 
 
 def report_from_proto(message: mesh_pb2.CostReportResponse) -> CostReport:
@@ -197,4 +227,5 @@ def report_from_proto(message: mesh_pb2.CostReportResponse) -> CostReport:
     total = CostLine(key="total", requests=counted.requests, errors=counted.errors,
                      input_tokens=counted.input_tokens, output_tokens=counted.output_tokens,
                      compute_s=message.total_compute_s, cost=message.total_cost)
-    return CostReport(group_by=message.group_by, rows=lines, total=total)
+    return CostReport(group_by=message.group_by, rows=lines, total=total,
+                      spooled_events=message.spooled_events, dropped_events=message.dropped_events)

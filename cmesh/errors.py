@@ -16,6 +16,28 @@ from grpc_status import rpc_status
 from protos import mesh_pb2
 
 
+# Longest text of a caller's that an error quotes back: a 100 KB model name must
+# not make the answer exceed gRPC's metadata limit (the client would see
+# RESOURCE_EXHAUSTED instead of our status), nor fill the logs.
+QUOTE_LIMIT = 80
+MESSAGE_LIMIT = 1024
+DETAIL_LIMIT = 256
+
+
+def clip(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """repr() of a caller's value for an error message, at most ``limit`` characters of it."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} long)"
+    return clip(repr(value), limit + 2)
+
+
 class MeshError(Exception):
     """An error a caller can act on. Subclasses fix the status code and reason."""
 
@@ -35,9 +57,9 @@ class MeshError(Exception):
 
     def detail(self) -> mesh_pb2.ComponentError:
         return mesh_pb2.ComponentError(
-            component=self.component, pipeline=self.pipeline, reason=self.reason,
-            retryable=self.retryable, retry_after_ms=self.retry_after_ms,
-            field=self.field, node=self.node)
+            component=clip(self.component, DETAIL_LIMIT), pipeline=clip(self.pipeline, DETAIL_LIMIT),
+            reason=self.reason, retryable=self.retryable, retry_after_ms=self.retry_after_ms,
+            field=clip(self.field, DETAIL_LIMIT), node=clip(self.node, DETAIL_LIMIT))
 
 
 class InvalidInput(MeshError):
@@ -46,6 +68,7 @@ class InvalidInput(MeshError):
 
     def __init__(self, field: str, message: str, **kw) -> None:
         # The field leads the message so every client sees what to fix.
+        field = clip(field, DETAIL_LIMIT)
         super().__init__(f"{field}: {message}" if field else message, field=field, **kw)
 
 
@@ -86,6 +109,14 @@ class PermissionDenied(MeshError):
     reason = "permission_denied"
 
 
+class FailedPrecondition(MeshError):
+    """The server's configuration does not allow the operation (e.g. model control
+    is off); not the caller's identity, and retrying will not help."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "failed_precondition"
+
+
 class Internal(MeshError):
     code = grpc.StatusCode.INTERNAL
     reason = "internal"
@@ -96,7 +127,9 @@ _GRPC_TO_RPC_CODE = {c: getattr(code_pb2, c.name) for c in grpc.StatusCode}
 
 def to_status(err: MeshError) -> grpc.Status:
     """A grpc.Status whose trailing metadata carries the ComponentError detail."""
-    status = status_pb2.Status(code=_GRPC_TO_RPC_CODE[err.code], message=err.message)
+    # Clipped here, once, whatever the raiser quoted: status and details travel in
+    # trailing metadata, which has a size limit.
+    status = status_pb2.Status(code=_GRPC_TO_RPC_CODE[err.code], message=clip(err.message))
     status.details.add().Pack(err.detail())
     return rpc_status.to_status(status)
 

@@ -7,7 +7,8 @@ import functools
 import logging
 
 from cmesh import tensors
-from cmesh.errors import Internal, MeshError, abort_with
+from cmesh.decoding import Undecodable
+from cmesh.errors import DETAIL_LIMIT, Internal, MeshError, abort_with, clip
 from protos import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,16 @@ def guarded(method):
 def stream_error(request: pb.ModelInferRequest, exc: MeshError) -> pb.ModelStreamInferResponse:
     """Triton's stream carries errors as text; the status and detail also travel as
     parameters so a router can map them back to a code without parsing text."""
-    resp = pb.ModelStreamInferResponse(error_message=f"{exc.code.name}: {exc.message}")
+    resp = pb.ModelStreamInferResponse(error_message=f"{exc.code.name}: {clip(exc.message)}")
     ir = resp.infer_response
-    ir.model_name, ir.model_version, ir.id = request.model_name, request.model_version, request.id
+    # The names are the caller's own (it correlates by id), but clipped all the same.
+    ir.model_name, ir.model_version = clip(request.model_name, DETAIL_LIMIT), clip(request.model_version, DETAIL_LIMIT)
+    ir.id = request.id
     for key, value in (("cmesh-error-code", exc.code.name), ("cmesh-error-reason", exc.reason),
-                       ("cmesh-error-field", exc.field), ("cmesh-retryable", exc.retryable),
+                       ("cmesh-error-field", clip(exc.field, DETAIL_LIMIT)), ("cmesh-retryable", exc.retryable),
                        ("cmesh-retry-after-ms", exc.retry_after_ms),
-                       ("cmesh-error-component", exc.component), ("triton_final_response", True)):
+                       ("cmesh-error-component", clip(exc.component, DETAIL_LIMIT)),
+                       ("triton_final_response", True)):
         tensors.set_param(ir.parameters, key, value)
     return resp
 
@@ -65,6 +69,9 @@ async def serve_stream(request_iterator, answer, what: str = "stream request"):
 
     async def read() -> None:
         async for request in request_iterator:
+            if isinstance(request, Undecodable):      # answered on the stream; the rest go on
+                await out.put(stream_error(request, request.as_error()))
+                continue
             task = asyncio.create_task(run(request))
             tasks.add(task)
             task.add_done_callback(tasks.discard)

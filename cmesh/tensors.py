@@ -6,14 +6,17 @@ form, which is what tritonclient reads.
 """
 from __future__ import annotations
 
-import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from cmesh.errors import InvalidInput
+from cmesh.bytes_elements import Malformed, join_elements, split_elements
+from cmesh.config import InputLimits
+from cmesh.errors import InvalidInput, quote
 from protos import inference_pb2 as pb
+
+DEFAULT_LIMITS = InputLimits()
 
 # OIP datatype -> (numpy dtype, InferTensorContents field for the typed form)
 DTYPES: dict[str, tuple[Any, str | None]] = {
@@ -43,63 +46,81 @@ def oip_dtype(array: np.ndarray) -> str:
         raise TypeError(f"no OIP datatype for numpy dtype {array.dtype}") from None
 
 
-def _element_count(name: str, shape: Sequence[int]) -> int:
+def check_shape(name: str, shape: Sequence[int], limits: InputLimits = DEFAULT_LIMITS) -> int:
+    """The element count of ``shape``, or InvalidInput if it breaks a limit. Costs
+    O(rank): a hostile shape like [2**62, 4] is refused by arithmetic alone."""
+    if len(shape) > limits.max_rank:
+        raise InvalidInput(name, f"rank {len(shape)} exceeds the limit of {limits.max_rank} dimensions")
     count = 1
     for dim in shape:
         if dim < 0:
             raise InvalidInput(name, f"shape {list(shape)} has a negative dimension")
         count *= dim
+    if shape and shape[0] > limits.max_batch:
+        raise InvalidInput(name, f"batch dimension {shape[0]} exceeds the limit of {limits.max_batch}")
+    if count > limits.max_elements:
+        raise InvalidInput(name, f"shape {list(shape)} holds {count} elements, more than the limit "
+                                 f"of {limits.max_elements}")
     return count
 
 
 def deserialize_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
+    try:
+        values = split_elements(raw, count)
+    except Malformed as exc:
+        raise InvalidInput(name, str(exc)) from None
     out = np.empty(count, dtype=np.object_)
-    offset, end = 0, len(raw)
-    for i in range(count):
-        if offset + 4 > end:
-            raise InvalidInput(name, f"BYTES data holds fewer than the {count} elements its shape declares")
-        (length,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if offset + length > end:
-            raise InvalidInput(name, f"BYTES element {i} is truncated")
-        out[i] = raw[offset:offset + length]
-        offset += length
-    if offset != end:
-        raise InvalidInput(name, f"BYTES data holds more than the {count} elements its shape declares")
+    out[:] = values
     return out
 
 
 def serialize_bytes(array: np.ndarray) -> bytes:
-    parts = []
-    for item in array.reshape(-1):
-        data = item if isinstance(item, bytes) else str(item).encode("utf-8")
-        parts.append(struct.pack("<I", len(data)))
-        parts.append(data)
-    return b"".join(parts)
+    return join_elements(item if isinstance(item, bytes) else str(item).encode("utf-8")
+                         for item in array.reshape(-1))
 
 
-def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+def check_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None,
+                 limits: InputLimits = DEFAULT_LIMITS) -> int:
+    """Validate one tensor's declaration against the data present; returns its
+    element count. Nothing is allocated: BYTES data is only sized here."""
     name = tensor.name
     if tensor.datatype not in DTYPES:
-        raise InvalidInput(name, f"unsupported datatype {tensor.datatype!r}")
+        raise InvalidInput(name, f"unsupported datatype {quote(tensor.datatype)}")
     dtype, field = DTYPES[tensor.datatype]
-    shape = tuple(int(d) for d in tensor.shape)
-    count = _element_count(name, shape)
+    count = check_shape(name, tensor.shape, limits)
+    if tensor.datatype == "BYTES" and count > limits.max_text_elements:
+        raise InvalidInput(name, f"{count} BYTES elements exceed the limit of {limits.max_text_elements}")
     if raw is not None:
         if tensor.datatype == "BYTES":
-            flat = deserialize_bytes(name, raw, count)
+            if count * 4 > len(raw):
+                raise InvalidInput(name, f"BYTES data of {len(raw)} bytes cannot hold the {count} "
+                                         "elements its shape declares")
         else:
             itemsize = np.dtype(dtype).itemsize
             if len(raw) != count * itemsize:
-                raise InvalidInput(name, f"shape {list(shape)} of {tensor.datatype} needs "
+                raise InvalidInput(name, f"shape {list(tensor.shape)} of {tensor.datatype} needs "
                                          f"{count * itemsize} bytes, got {len(raw)}")
-            flat = np.frombuffer(raw, dtype=dtype)
-        return flat.reshape(shape)
+        return count
     if field is None:
         raise InvalidInput(name, f"{tensor.datatype} data must be sent in raw_input_contents")
+    held = len(getattr(tensor.contents, field))
+    if held != count:
+        raise InvalidInput(name, f"shape {list(tensor.shape)} needs {count} elements, contents hold {held}")
+    return count
+
+
+def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None,
+                  limits: InputLimits = DEFAULT_LIMITS) -> np.ndarray:
+    count = check_tensor(tensor, raw, limits)
+    dtype, field = DTYPES[tensor.datatype]
+    shape = tuple(tensor.shape)
+    if raw is not None:
+        if tensor.datatype == "BYTES":
+            flat = deserialize_bytes(tensor.name, raw, count)
+        else:
+            flat = np.frombuffer(raw, dtype=dtype)
+        return flat.reshape(shape)
     values = getattr(tensor.contents, field)
-    if len(values) != count:
-        raise InvalidInput(name, f"shape {list(shape)} needs {count} elements, contents hold {len(values)}")
     if tensor.datatype == "BYTES":
         flat = np.empty(count, dtype=np.object_)
         flat[:] = list(values)
@@ -107,21 +128,36 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
     return np.asarray(values, dtype=dtype).reshape(shape)
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    raws = list(request.raw_input_contents)
-    if raws and len(raws) != len(request.inputs):
-        raise InvalidInput("raw_input_contents",
-                           f"{len(raws)} raw buffers for {len(request.inputs)} inputs")
-    out: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
+def check_request(request: pb.ModelInferRequest, limits: InputLimits = DEFAULT_LIMITS) -> list[int]:
+    """Validate every input's declaration against the bytes present and the limits,
+    in time proportional to the message; returns each input's element count. The
+    router runs this before anything else touches the tensors; the model server
+    runs it again through ``decode_inputs`` (it may be called directly)."""
+    raws = request.raw_input_contents
+    inputs = request.inputs
+    if len(inputs) > limits.max_inputs:
+        raise InvalidInput("inputs", f"{len(inputs)} inputs exceed the limit of {limits.max_inputs}")
+    if raws and len(raws) != len(inputs):
+        raise InvalidInput("raw_input_contents", f"{len(raws)} raw buffers for {len(inputs)} inputs")
+    seen: set[str] = set()
+    counts = []
+    for i, tensor in enumerate(inputs):
         if not tensor.name:
             raise InvalidInput(f"inputs[{i}]", "input has no name")
-        if tensor.name in out:
+        if tensor.name in seen:
             raise InvalidInput(tensor.name, "input given twice")
+        seen.add(tensor.name)
         if raws and tensor.HasField("contents"):
             raise InvalidInput(tensor.name, "both contents and raw_input_contents given")
-        out[tensor.name] = decode_tensor(tensor, raws[i] if raws else None)
-    return out
+        counts.append(check_tensor(tensor, raws[i] if raws else None, limits))
+    return counts
+
+
+def decode_inputs(request: pb.ModelInferRequest, limits: InputLimits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
+    check_request(request, limits)
+    raws = request.raw_input_contents
+    return {tensor.name: decode_tensor(tensor, raws[i] if raws else None, limits)
+            for i, tensor in enumerate(request.inputs)}
 
 
 def param_value(p: pb.InferParameter) -> Any:

@@ -162,11 +162,14 @@ def _options(options: Sequence[tuple[str, Any]], tls: TLSConfig | None) -> list[
 
 
 def open_channel(address: str, tls: TLSConfig | None,
-                 options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+                 options: Sequence[tuple[str, Any]] = (), *,
+                 interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None) -> grpc.aio.Channel:
     """A grpc.aio channel to ``address``; plaintext when ``tls`` is None."""
+    interceptors = list(interceptors) if interceptors else None     # None: calls skip interception
     if tls is None:
-        return grpc.aio.insecure_channel(address, options=list(options))
-    return grpc.aio.secure_channel(address, channel_credentials(tls), options=_options(options, tls))
+        return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
+    return grpc.aio.secure_channel(address, channel_credentials(tls), options=_options(options, tls),
+                                   interceptors=interceptors)
 
 
 def open_sync_channel(address: str, tls: TLSConfig | None,

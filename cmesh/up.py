@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -49,6 +50,17 @@ def _demo_keys(config) -> dict[str, str]:
     return keys
 
 
+def _internal_token(config) -> tuple[str, str] | None:
+    """(env var, token) of the mesh-internal token every service reads: a fresh random
+    one for this run where the environment sets none (children inherit it)."""
+    env = config.security.internal_token_env
+    if not env:
+        return None
+    if not os.environ.get(env, "").strip():
+        os.environ[env] = secrets.token_urlsafe(32)
+    return env, os.environ[env]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cmesh.up", description="Run the mesh locally until Ctrl-C.")
     p.add_argument("--config", default="compose/mesh.yaml")
@@ -64,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     try:
+        internal = _internal_token(config)          # before any service starts: they all need it
         print("starting the autoscaler (model servers start on demand; min replicas now)", flush=True)
         scaler, sready = _start(["-m", "autoscaler", "--config", args.config, "--listen",
                                  f"{args.host}:{args.autoscaler_port}", "--metrics-port", "9102"])
@@ -84,10 +97,14 @@ def main(argv: list[str] | None = None) -> int:
               f"http://{args.host}:9102/metrics (autoscaler)")
         for env, value in keys.items():
             print(f"demo key      {env}={value}")
+        if internal:
+            print(f"internal      {internal[0]}={internal[1]}   (replicas and the autoscaler accept only "
+                  "callers with it; export it for cmesh status)")
         tenant_key = next((v for k, v in keys.items() if k != config.security.admin_keys_env), "")
         auth = f" --api-key {tenant_key}" if tenant_key else ""
         admin = keys.get(config.security.admin_keys_env or "", "")
-        print(f"\ntry:\n  .venv/bin/cmesh status --autoscaler {autoscaler}")
+        token = f"{internal[0]}={internal[1]} " if internal else ""
+        print(f"\ntry:\n  {token}.venv/bin/cmesh status --autoscaler {autoscaler} --config {args.config}")
         print(f"  .venv/bin/cmesh infer embedder --text 'How do I reset my password?' --address {front}{auth}")
         print(f"  .venv/bin/cmesh infer dialogue-llm --text 'Customer: hello\\nAgent:' --stream --address {front}{auth}")
         print(f"  .venv/bin/cmesh cost --by model --router {front}" + (f" --admin-key {admin}" if admin else ""))

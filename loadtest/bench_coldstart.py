@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from loadtest.common import REPO, emit, running_mesh
+from loadtest.common import REPO, emit, mesh_token, running_mesh
 
 QUESTION = "How do I reset my password?"
 
@@ -52,12 +52,11 @@ async def first_answer(address: str) -> float:
         return time.monotonic() - started
 
 
-async def load_times(autoscaler: str) -> dict[str, float]:
-    import grpc
-
+async def load_times(autoscaler: str, internal_token: str | None = None) -> dict[str, float]:
+    from cmesh.internal_auth import MeshCredentials, open_internal_channel
     from protos import mesh_pb2, mesh_pb2_grpc
 
-    async with grpc.aio.insecure_channel(autoscaler) as channel:
+    async with open_internal_channel(autoscaler, MeshCredentials(token=internal_token)) as channel:
         status = await mesh_pb2_grpc.AutoscalerStub(channel).Status(mesh_pb2.StatusRequest(), timeout=10)
     return {m.model: round(m.last_cold_start_s, 3) for m in status.models if m.last_cold_start_s}
 
@@ -65,10 +64,12 @@ async def load_times(autoscaler: str) -> dict[str, float]:
 def measure(store: Path, coordinated: bool, port: int, fork_server: bool = True) -> tuple[float, dict[str, float]]:
     import uvloop
 
-    with running_mesh(bench_config(store, coordinated, port),
-                      autoscaler_args=() if fork_server else ("--no-fork-server",)) as (router, autoscaler):
+    config = bench_config(store, coordinated, port)
+    token = mesh_token(config)
+    with running_mesh(config, autoscaler_args=() if fork_server else ("--no-fork-server",),
+                      internal_token=token) as (router, autoscaler):
         elapsed = uvloop.run(first_answer(router))
-        times = uvloop.run(load_times(autoscaler))
+        times = uvloop.run(load_times(autoscaler, token))
     return elapsed, times
 
 

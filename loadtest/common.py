@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -46,15 +47,27 @@ class ServerProc:
             self.proc.kill()
 
 
+def mesh_token(config: dict) -> str | None:
+    """A fresh mesh-internal token for a mesh started from ``config``, when its
+    ``security.internal_token_env`` asks for one (pass it to ``running_mesh`` and to
+    whatever calls the autoscaler: ``cmesh.internal_auth.MeshCredentials``)."""
+    return secrets.token_urlsafe(32) if (config.get("security") or {}).get("internal_token_env") else None
+
+
 @contextmanager
-def running_mesh(config: dict, *, autoscaler_args: tuple[str, ...] = (), log=print):
+def running_mesh(config: dict, *, autoscaler_args: tuple[str, ...] = (), log=print,
+                 internal_token: str | None = None):
     """Autoscaler + router on loopback, from ``config`` (a mesh.yaml as a dict whose
     ``autoscaler.listen`` is set), with their own replica state dir. Yields
     (router address, autoscaler address); on exit stops the router, then the
-    autoscaler, which drains and stops its replicas."""
+    autoscaler, which drains and stops its replicas. ``internal_token`` goes to
+    every process in the variable ``security.internal_token_env`` names."""
     path = write_temp_config(config)
     state = Path(tempfile.mkdtemp(prefix="cmesh-mesh-"))
     env = {**os.environ, "CMESH_STATE_DIR": str(state)}
+    token_env = (config.get("security") or {}).get("internal_token_env")
+    if token_env and internal_token:
+        env[token_env] = internal_token
     procs: list[subprocess.Popen] = []
     try:
         for args in (["-m", "autoscaler", "--config", str(path), *autoscaler_args],
@@ -64,16 +77,21 @@ def running_mesh(config: dict, *, autoscaler_args: tuple[str, ...] = (), log=pri
             procs.append(proc)
         yield f"127.0.0.1:{ready['port']}", config["autoscaler"]["listen"]
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                log(f"pid {proc.pid} did not stop in 60 s: killed")
-                proc.kill()
-                proc.wait()
+        stop_all(procs, log)
         path.unlink(missing_ok=True)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def stop_all(procs: list[subprocess.Popen], log=print, timeout_s: float = 60) -> None:
+    """SIGTERM each process, last started first; SIGKILL what outlives ``timeout_s``."""
+    for proc in reversed(procs):
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            log(f"pid {proc.pid} did not stop in {timeout_s:g} s: killed")
+            proc.kill()
+            proc.wait()
 
 
 def emit(result: dict) -> None:

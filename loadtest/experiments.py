@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from loadtest.common import REPO, emit, running_mesh
+from loadtest.common import REPO, emit, mesh_token, running_mesh
 from loadtest.experiment_plan import (STRATEGIES, Outcome, base_config, headline, markdown, peak_counts,
                                       strategy_config)
 from loadtest.scenario import load_scenario
@@ -49,7 +49,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def warm_all(autoscaler: str, config: dict, timeout_s: float) -> float:
+async def warm_all(autoscaler: str, config: dict, timeout_s: float, internal_token: str | None = None) -> float:
     """Ask for every pipeline and model, then wait until each model's desired
     replicas are ready (at least one): the replay starts from a warm mesh, as a
     deployment that was already serving would be."""
@@ -58,7 +58,9 @@ async def warm_all(autoscaler: str, config: dict, timeout_s: float) -> float:
     from protos import mesh_pb2, mesh_pb2_grpc
 
     started = time.monotonic()
-    async with grpc.aio.insecure_channel(autoscaler) as channel:
+    from cmesh.internal_auth import MeshCredentials, open_internal_channel
+
+    async with open_internal_channel(autoscaler, MeshCredentials(token=internal_token)) as channel:
         stub = mesh_pb2_grpc.AutoscalerStub(channel)
         await asyncio.wait_for(channel.channel_ready(), 30)
         for pipeline in config.get("pipelines", {}):
@@ -82,10 +84,11 @@ def run_strategy(name: str, config: dict, scenario_path: Path, *, compress: floa
     from loadtest import replay
 
     scenario = load_scenario(scenario_path)
-    with running_mesh(config, log=log) as (router, autoscaler):
-        warm_s = uvloop.run(warm_all(autoscaler, config, timeout_s=240))
+    token = mesh_token(config)
+    with running_mesh(config, log=log, internal_token=token) as (router, autoscaler):
+        warm_s = uvloop.run(warm_all(autoscaler, config, timeout_s=240, internal_token=token))
         log(f"[{scenario.name}/{name}] mesh warm in {warm_s:.1f} s; replaying")
-        options = replay.ReplayOptions(target=router, autoscaler=autoscaler,
+        options = replay.ReplayOptions(target=router, autoscaler=autoscaler, internal_token=token,
                                        compress=scenario.compress * compress, rate_scale=rate_scale,
                                        out=out / scenario.name / name, progress_s=15.0,
                                        log=lambda line: log(f"[{scenario.name}/{name}] {line}"))

@@ -229,6 +229,7 @@ class Sender:
 class ReplayOptions:
     target: str
     autoscaler: str | None = None
+    internal_token: str | None = field(default=None, repr=False)   # for the autoscaler's Status
     compress: float | None = None            # None: the scenario's own
     rate_scale: float = 1.0                  # every class's rate times this
     out: Path = Path("results/replay")
@@ -416,7 +417,10 @@ async def run(options: ReplayOptions, scenario: Scenario) -> dict:
             raise ConnectionError(f"cannot reach the router at {options.target} within "
                                   f"{options.connect_timeout_s:g} s; is the mesh running (make up)?") from None
         replayer = Replayer(Sender(channel, options.api_key, uuid.uuid4().hex[:8]), schedule, options, loop.time)
-        scaler_channel = grpc.aio.insecure_channel(options.autoscaler) if options.autoscaler else None
+        from cmesh.internal_auth import MeshCredentials, open_internal_channel
+
+        scaler_channel = open_internal_channel(options.autoscaler, MeshCredentials(token=options.internal_token)) \
+            if options.autoscaler else None
         sampler = ReplicaSampler(scaler_channel, max(0.5, options.sample_interval_s), replayer.now) \
             if scaler_channel is not None else None
         log(f"replaying {scenario.name}: {len(schedule)} requests over {scenario.duration_s:g} scenario s "
@@ -483,6 +487,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--target", required=True, metavar="HOST:PORT", help="HOST:PORT of the router")
     p.add_argument("--autoscaler", default=None, metavar="HOST:PORT",
                    help="HOST:PORT of the autoscaler: sample replicas every second")
+    p.add_argument("--internal-token-env", default="CMESH_INTERNAL_TOKEN", metavar="NAME",
+                   help="env var with the mesh-internal token the autoscaler wants "
+                        "(security.internal_token_env; default CMESH_INTERNAL_TOKEN)")
     p.add_argument("--compress", type=float, default=None, metavar="X",
                    help="time compression (default: the scenario's `compress`, else 1)")
     p.add_argument("--rate-scale", type=float, default=1.0, metavar="F",
@@ -510,6 +517,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def options_from(args: argparse.Namespace, scenario: Scenario) -> ReplayOptions:
     return ReplayOptions(
         target=args.target, autoscaler=args.autoscaler, compress=args.compress, rate_scale=args.rate_scale,
+        internal_token=os.environ.get(args.internal_token_env) or None,
         out=Path(args.out or f"results/replay-{scenario.name}"),
         api_key=args.api_key or os.environ.get("CMESH_API_KEY") or DEFAULT_API_KEY,
         max_in_flight=args.max_in_flight, request_timeout_s=args.request_timeout,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 
@@ -42,9 +43,12 @@ async def serve(args: argparse.Namespace) -> int:
             print(f"error: --models: unknown model {name!r}; the config has "
                   f"{sorted(config.models)}", file=sys.stderr)
             return 2
+    from cmesh.internal_auth import token_from_env
+
     server = ModelServer(config, ServerOptions(
         models=models, host=args.host, port=args.port, metrics_port=args.metrics_port,
-        store=args.store, grace_s=args.grace, drain_delay_s=args.drain_delay))
+        store=args.store, grace_s=args.grace, drain_delay_s=args.drain_delay,
+        internal_token=token_from_env(config, os.environ)))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))

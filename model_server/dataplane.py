@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from cmesh.errors import DeadlineExceeded, InvalidInput, MeshError
+from cmesh import wire
+from cmesh.errors import DeadlineExceeded, InvalidInput, MeshError, quote
+from cmesh.wire import P_TIMEOUT_MS  # the caller's remaining deadline, for calls on a shared stream
 from model_server.engines.base import InferItem
 from model_server.repository import ModelRepository, Variant
 from model_server.runner import Completion
@@ -24,7 +26,6 @@ P_BATCH_SIZE = "cmesh-batch-size"
 P_INPUT_TOKENS = "cmesh-input-tokens"
 P_OUTPUT_TOKENS = "cmesh-output-tokens"
 P_FINAL = "triton_final_response"     # Triton's marker of a stream's last response
-P_TIMEOUT_MS = "cmesh-timeout-ms"     # the caller's remaining deadline, for calls on a shared stream
 
 
 def _count_caller(metrics, parameters: dict[str, Any]) -> None:
@@ -36,16 +37,7 @@ def _count_caller(metrics, parameters: dict[str, Any]) -> None:
 def _remaining_s(parameters: dict[str, Any]) -> float | None:
     """The deadline a router propagated as remaining time (gRPC's own deadline only
     covers a whole stream, not one request multiplexed onto it)."""
-    value = parameters.get(P_TIMEOUT_MS)
-    if value is None:
-        return None
-    try:
-        ms = float(value)
-    except (TypeError, ValueError):
-        raise InvalidInput(P_TIMEOUT_MS, f"must be a number of milliseconds, got {value!r}") from None
-    if not ms > 0:
-        raise InvalidInput(P_TIMEOUT_MS, f"must be > 0, got {value!r}")
-    return ms / 1000.0
+    return wire.timeout_s(parameters.get(P_TIMEOUT_MS))
 
 
 @dataclass
@@ -75,7 +67,7 @@ class DataPlane:
         known = {o.name for o in variant.manifest.outputs}
         for name in request.requested_outputs:
             if name not in known:
-                raise InvalidInput(name, f"unknown output; model {request.model!r} has {sorted(known)}")
+                raise InvalidInput(name, f"unknown output; model {quote(request.model)} has {sorted(known)}")
         item = variant.engine.prepare(request.inputs, request.parameters)
         item.requested_outputs = tuple(request.requested_outputs)
         return item

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from cmesh.config import MeshConfig, ModelConfig
-from cmesh.errors import InvalidInput, NotFound, Unavailable
+from cmesh.errors import InvalidInput, NotFound, Unavailable, quote
 from cmesh.manifest import Manifest
 from cmesh.store import ModelStore
 from model_server.batching import BatchPolicy, DynamicBatcher
@@ -63,17 +63,17 @@ class ModelRepository:
         entry = self._models.get(model)
         if entry is None:
             if model in self.config.models:
-                raise Unavailable(f"model {model!r} is not loaded on this replica", component=model)
-            raise NotFound(f"unknown model {model!r}", component=model)
+                raise Unavailable(f"model {quote(model)} is not loaded on this replica", component=model)
+            raise NotFound(f"unknown model {quote(model)}", component=model)
         if entry.state != "READY":
             state = "not loaded on this replica" if entry.state == "UNAVAILABLE" else entry.state.lower()
             reason = f" ({entry.reason})" if entry.reason else ""
-            raise Unavailable(f"model {model!r} is {state}{reason}", component=model)
+            raise Unavailable(f"model {quote(model)} is {state}{reason}", component=model)
         name = version or entry.default_variant
         try:
             return entry.variants[name]
         except KeyError:
-            raise NotFound(f"model {model!r} has no version {version!r}; "
+            raise NotFound(f"model {quote(model)} has no version {quote(version)}; "
                            f"versions: {sorted(entry.variants)}", component=model) from None
 
     def is_ready(self, model: str, version: str = "") -> bool:

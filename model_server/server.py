@@ -9,14 +9,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cmesh.config import MeshConfig
+from cmesh.internal_auth import server_interceptors
+from cmesh.looplag import LoopLagProbe
 from cmesh.serving import grpc_server, start_metrics
 from cmesh.proc import process_age
 from cmesh.store import ModelStore
 from cmesh.tls import add_port
 from model_server.dataplane import DataPlane
 from model_server.metrics import ServerMetrics
+from model_server.model_control import servicer_class
 from model_server.repository import ModelRepository
-from model_server.servicer import InferenceServicer
 from protos import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,9 @@ class ServerOptions:
     store: str | None = None                          # overrides config.store
     grace_s: float | None = None                      # overrides config.server.drain_grace_s
     drain_delay_s: float | None = None                # overrides config.server.drain_delay_s
+    # The mesh-internal token callers must send (cmesh.internal_auth); None: none
+    # is checked. Read from the environment by the entry point, never here.
+    internal_token: str | None = field(default=None, repr=False)
 
 
 class Health:
@@ -65,13 +70,15 @@ class ModelServer:
         self._http = None
         self._stopped = asyncio.Event()
         self._draining = False
+        self.loop_lag: LoopLagProbe | None = None
 
     async def start(self) -> None:
-        self._server = grpc_server(self.config)
+        self._server = grpc_server(self.config, server_interceptors(
+            self.config, self.options.internal_token, service="model server"))
         health_servicer = health.aio.HealthServicer()
         self.health = Health(health_servicer, self.metrics)
         await self.health.set(False)
-        servicer = InferenceServicer(DataPlane(self.repository), self.health)
+        servicer = servicer_class(self.config.server.model_control)(DataPlane(self.repository), self.health)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
         self.port = add_port(self._server, f"{self.options.host}:{self.options.port}",
@@ -82,6 +89,7 @@ class ModelServer:
         for spec in self.options.models:
             name, _, variant = spec.partition(":")
             await self.repository.load(name, [variant] if variant else None)
+        self.loop_lag = LoopLagProbe(self.metrics.registry).start()
         self.cold_start_s = process_age()
         self.metrics.cold_start_seconds.set(self.cold_start_s)
         await self.health.set(True)
@@ -102,6 +110,8 @@ class ModelServer:
             else self.config.server.drain_grace_s
         if self._server is not None:
             await self._server.stop(grace)
+        if self.loop_lag is not None:
+            self.loop_lag.stop()
         await self.repository.close()
         if self._http is not None:
             self._http.shutdown()

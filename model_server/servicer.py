@@ -16,9 +16,9 @@ EXTENSIONS = ["model_repository", "model_repository(unload_dependents)", "parame
               "binary_tensor_data", "streaming"]
 
 
-def to_domain(request: pb.ModelInferRequest) -> InferRequest:
+def to_domain(request: pb.ModelInferRequest, limits=tensors.DEFAULT_LIMITS) -> InferRequest:
     return InferRequest(model=request.model_name, version=request.model_version, id=request.id,
-                        inputs=tensors.decode_inputs(request),
+                        inputs=tensors.decode_inputs(request, limits),
                         parameters=tensors.decode_parameters(request.parameters),
                         requested_outputs=[o.name for o in request.outputs])
 
@@ -36,6 +36,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane, health) -> None:
         self.dataplane = dataplane
         self.health = health          # object with .ready (bool)
+        self.limits = dataplane.repository.config.server.limits
 
     @property
     def repository(self):
@@ -71,13 +72,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @guarded
     async def ModelInfer(self, request, context):
-        return to_proto(await self.dataplane.infer(to_domain(request)))
+        return to_proto(await self.dataplane.infer(to_domain(request, self.limits)))
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests on one stream run concurrently; responses carry the request id."""
 
         async def answer(request: pb.ModelInferRequest, emit) -> None:
-            domain = to_domain(request)
+            domain = to_domain(request, self.limits)
             if domain.parameters.get(COLLECT):
                 # A unary caller multiplexed onto this stream (the router's data
                 # path): one whole answer, even from a generative model.

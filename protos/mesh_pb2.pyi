@@ -146,16 +146,22 @@ class CostRow(_message.Message):
     def __init__(self, key: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., compute_s: _Optional[float] = ..., cost: _Optional[float] = ...) -> None: ...
 
 class CostReportResponse(_message.Message):
-    __slots__ = ("group_by", "rows", "total_cost", "total_compute_s")
+    __slots__ = ("group_by", "rows", "total_cost", "total_compute_s", "incomplete", "spooled_events", "dropped_events")
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_COST_FIELD_NUMBER: _ClassVar[int]
     TOTAL_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    INCOMPLETE_FIELD_NUMBER: _ClassVar[int]
+    SPOOLED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_EVENTS_FIELD_NUMBER: _ClassVar[int]
     group_by: str
     rows: _containers.RepeatedCompositeFieldContainer[CostRow]
     total_cost: float
     total_compute_s: float
-    def __init__(self, group_by: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[CostRow, _Mapping]]] = ..., total_cost: _Optional[float] = ..., total_compute_s: _Optional[float] = ...) -> None: ...
+    incomplete: bool
+    spooled_events: int
+    dropped_events: int
+    def __init__(self, group_by: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[CostRow, _Mapping]]] = ..., total_cost: _Optional[float] = ..., total_compute_s: _Optional[float] = ..., incomplete: _Optional[bool] = ..., spooled_events: _Optional[int] = ..., dropped_events: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

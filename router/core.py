@@ -18,8 +18,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from cmesh.config import MeshConfig
-from cmesh.errors import Internal, InvalidInput, MeshError, NotFound, Unavailable
-from cmesh.tensors import decode_parameters, set_param
+from cmesh import wire
+from cmesh.errors import Internal, MeshError, NotFound, Unavailable, quote
+from cmesh.internal_auth import MeshCredentials
+from cmesh.tensors import check_request, decode_parameters, set_param
 from protos import inference_pb2 as pb
 from router.abtest import choose_variant
 from router.auth import Principal
@@ -36,11 +38,7 @@ from router.trust_io import TrustLayer
 log = logging.getLogger(__name__)
 
 # Request parameters the router stamps on every call it forwards.
-P_PIPELINE = "cmesh-pipeline-id"
-P_CLASS = "cmesh-latency-class"
-P_REQUEST_ID = "cmesh-request-id"
-P_SESSION = "cmesh-session"
-P_TIMEOUT_MS = "cmesh-timeout-ms"
+from cmesh.wire import P_CLASS, P_PIPELINE, P_REQUEST_ID, P_SESSION, P_TIMEOUT_MS  # noqa: E402,F401
 P_COLLECT = "cmesh-collect"
 P_ATTEMPTS = "cmesh-attempts"
 P_ROUTER_QUEUE_MS = "cmesh-router-queue-ms"   # time queued in the router before dispatch
@@ -74,8 +72,10 @@ class RouterCore:
     def __init__(self, config: MeshConfig, table: EndpointTable, meter: Meter, metrics: RouterMetrics,
                  warm: Callable[[str], "asyncio.Future | object"], trust: TrustLayer,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, credentials: MeshCredentials | None = None) -> None:
         self.config = config
+        # What replica channels present: TLS settings and the mesh-internal token.
+        self.credentials = credentials or MeshCredentials(config.security.client_tls)
         self.table = table
         self.meter = meter
         self.metrics = metrics
@@ -115,23 +115,32 @@ class RouterCore:
         model = request.model_name
         cfg = self.config.models.get(model)
         if cfg is None:
-            raise NotFound(f"unknown model {model!r}", component=model, pipeline=ctx.pipeline)
+            raise NotFound(f"unknown model {quote(model)}", component=model, pipeline=ctx.pipeline)
         params = ctx.params if ctx.params is not None else decode_parameters(request.parameters)
-        ctx.latency_class = ctx.latency_class or str(params.get(P_CLASS) or cfg.latency_class)
-        if ctx.latency_class not in ("interactive", "batch"):
-            raise InvalidInput(P_CLASS, f"must be 'interactive' or 'batch', got {ctx.latency_class!r}")
-        ctx.request_id = ctx.request_id or str(params.get(P_REQUEST_ID) or "") or self._new_id()
-        ctx.pipeline = ctx.pipeline or str(params.get(P_PIPELINE) or "")
+        limit = self.config.server.limits.max_id_chars
+        ctx.latency_class = wire.latency_class(ctx.latency_class or wire.text(P_CLASS, params.get(P_CLASS), limit)
+                                               or cfg.latency_class)
+        ctx.request_id = ctx.request_id or wire.text(P_REQUEST_ID, params.get(P_REQUEST_ID), limit) \
+            or self._new_id()
+        ctx.pipeline = ctx.pipeline or wire.text(P_PIPELINE, params.get(P_PIPELINE), limit)
         variants = cfg.variant_sources()
         variant = request.model_version or choose_variant(
             {name: v.weight for name, v in variants.items()}, ctx.session or None, self._rng)
         if variant not in variants:
-            raise NotFound(f"model {model!r} has no variant {variant!r}; variants: {sorted(variants)}",
+            raise NotFound(f"model {model!r} has no variant {quote(variant)}; variants: {sorted(variants)}",
                            component=model, pipeline=ctx.pipeline)
         component = f"{model}:{variant}"
         self._arrivals[model] += 1
         started_at = self._now()
         status, final = "OK", None
+        try:
+            # Every declared shape against the bytes present, before anything is
+            # decoded or allocated; the caller's bad input never reaches the breaker.
+            counts = check_request(request, self.config.server.limits)
+        except MeshError as err:
+            err.component, err.pipeline = component, ctx.pipeline
+            self._record(ctx, model, variant, err.code.name, None, started_at)
+            raise
         breaker = self.breakers.get(component)
         if not breaker.try_acquire(started_at):
             self.metrics.breaker(component, breaker.state(started_at))
@@ -143,14 +152,17 @@ class RouterCore:
             raise err
         outcome: str | None = None          # the replica's status code name, for the breaker
         try:
-            self.trust.apply(request, ctx, model)
+            await self.trust.apply(request, ctx, model, counts)
             request.model_version = variant
             for key, value in ((P_PIPELINE, ctx.pipeline), (P_CLASS, ctx.latency_class),
                                (P_REQUEST_ID, ctx.request_id)):
                 set_param(request.parameters, key, value)
             if not streaming and self.config.router.data_path == "stream":
                 set_param(request.parameters, P_COLLECT, True)
+            trust = cfg.trust
             async for response in self._attempts(ctx, request, model, variant, streaming):
+                if trust.mask_outputs or trust.redact_fields:
+                    await self.trust.mask_outputs(response, ctx, model, tuple(trust.redact_fields))
                 final = response
                 yield response
             outcome = "OK"
@@ -304,7 +316,7 @@ class RouterCore:
     def _path(self, address: str):
         path = self._paths.get(address)
         if path is None:
-            path = make_path(self.config.router.data_path, address, self.config.security.client_tls)
+            path = make_path(self.config.router.data_path, address, self.credentials)
             self._paths[address] = path
         return path
 
@@ -348,3 +360,5 @@ class RouterCore:
             await dispatcher.close()
         for path in self._paths.values():
             await path.close()
+        if self.trust.pool is not None:
+            self.trust.pool.close()

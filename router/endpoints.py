@@ -3,18 +3,24 @@
 ``StaticSource`` takes fixed lists from the config (the router alone, in front of
 any OIP server). ``AutoscalerSource`` follows the autoscaler's WatchEndpoints
 stream; while the autoscaler is unreachable the last table stays in force, so
-serving never depends on the autoscaler being up.
+serving never depends on the autoscaler being up. Reconnecting is bounded so a
+restarted autoscaler is followed within about a second of being ready: the
+channel's own reconnect back-off (``cmesh.backoff.RECONNECT_OPTIONS``, at most 1 s),
+``wait_for_ready`` so the watch starts the moment the channel connects, and a
+jittered exponential back-off of at most 1 s between failed watches.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
 
+from cmesh.backoff import RECONNECT_OPTIONS, Backoff
 from cmesh.config import MeshConfig, TLSConfig
+from cmesh.internal_auth import MeshCredentials, open_internal_channel
 from protos import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -92,35 +98,60 @@ def table_from_proto(msg: mesh_pb2.EndpointTable) -> dict[str, tuple[ReplicaInfo
             for m in msg.models}
 
 
-class AutoscalerSource:
-    def __init__(self, address: str, table: EndpointTable, router_id: str,
-                 tls: TLSConfig | None = None, retry_s: float = 1.0) -> None:
-        from router.replica import open_channel
+def autoscaler_channel(address: str, credentials: MeshCredentials | None) -> grpc.aio.Channel:
+    """The router's one channel to the autoscaler (endpoint watch, warm-ups, load
+    reports): keepalive as for replicas, reconnect back-off bounded at 1 s."""
+    from router.replica import CHANNEL_OPTIONS
 
+    return open_internal_channel(address, credentials, [*CHANNEL_OPTIONS, *RECONNECT_OPTIONS])
+
+
+class AutoscalerSource:
+    """``credentials``: the mesh-internal token and client TLS (a bare TLSConfig:
+    TLS only). ``backoff``, ``sleep`` and ``stub`` are injectable for tests."""
+
+    def __init__(self, address: str, table: EndpointTable, router_id: str,
+                 credentials: MeshCredentials | TLSConfig | None = None, *, backoff: Backoff | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, stub=None) -> None:
+        if not isinstance(credentials, MeshCredentials):
+            credentials = MeshCredentials(credentials)
         self.address = address
         self.table = table
         self.router_id = router_id
-        self.retry_s = retry_s
-        self.channel = open_channel(address, tls)
-        self.stub = mesh_pb2_grpc.AutoscalerStub(self.channel)
+        self.backoff = backoff or Backoff()
+        self._sleep = sleep
+        self.channel = autoscaler_channel(address, credentials)
+        self.stub = stub or mesh_pb2_grpc.AutoscalerStub(self.channel)
         self.connected = asyncio.Event()
+        self.watches = 0                          # watch streams opened (one per (re)connection)
+        self._refused = False
 
     async def run(self) -> None:
         while True:
+            refused = False
             try:
+                self.watches += 1
+                # wait_for_ready: while the autoscaler is down the call waits for the
+                # channel to connect instead of failing, and starts the moment it does.
                 call = self.stub.WatchEndpoints(mesh_pb2.WatchEndpointsRequest(
-                    router_id=self.router_id, known_version=self.table.version))
+                    router_id=self.router_id, known_version=self.table.version), wait_for_ready=True)
                 first = True
                 async for msg in call:
                     self.connected.set()
+                    self.backoff.reset()
                     self.table.replace(msg.version, table_from_proto(msg), force=first)
                     first = False
             except grpc.aio.AioRpcError as exc:
-                if self.connected.is_set():
+                refused = exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+                if refused and not self._refused:           # once per streak, not every second
+                    log.error("autoscaler %s refused the router (%s: %s); serving on endpoint table v%d",
+                              self.address, exc.code().name, exc.details(), self.table.version)
+                elif self.connected.is_set():
                     log.warning("autoscaler %s unreachable (%s); serving on endpoint table v%d",
                                 self.address, exc.code().name, self.table.version)
+            self._refused = refused
             self.connected.clear()
-            await asyncio.sleep(self.retry_s)    # reconnect back-off, not polling for work
+            await self._sleep(self.backoff.next())    # reconnect back-off, not polling for work
 
     async def warm(self, model: str, pipeline: str = "", reason: str = "") -> None:
         try:

@@ -1,17 +1,19 @@
 """Routers tell the autoscaler what each model's load is, once a second, over one
 long-lived ReportLoad stream: queued and in-flight requests, arrivals since the
 last report, and requests held for a first replica. Scaling is per model on that
-model's own numbers."""
+model's own numbers. A broken stream is reopened after a jittered back-off of at
+most 1 s, waiting for the channel to connect (``wait_for_ready``)."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
+from cmesh.backoff import Backoff
 from protos import mesh_pb2, mesh_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -19,12 +21,16 @@ log = logging.getLogger(__name__)
 
 class LoadReporter:
     def __init__(self, core, channel: grpc.aio.Channel, source: str, interval_s: float = 1.0,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, *, backoff: Backoff | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.core = core
         self.stub = mesh_pb2_grpc.AutoscalerStub(channel)
         self.source = source
         self.interval_s = interval_s
         self._wall = wall
+        self.backoff = backoff or Backoff()
+        self._sleep = sleep
+        self._last_code: grpc.StatusCode | None = None
 
     def snapshot(self) -> mesh_pb2.LoadReport:
         report = mesh_pb2.LoadReport(source=self.source, timestamp_ms=int(self._wall() * 1000))
@@ -42,12 +48,22 @@ class LoadReporter:
     async def run(self) -> None:
         while True:
             try:
-                await self.stub.ReportLoad(self._reports())
+                await self.stub.ReportLoad(self._reports(), wait_for_ready=True)
             except grpc.aio.AioRpcError as exc:
-                log.debug("load reports to the autoscaler interrupted: %s", exc.code().name)
-            await asyncio.sleep(self.interval_s)      # reconnect back-off
+                # Refusals (a bad report, a wrong token) are configuration problems to see;
+                # a dropped connection is routine while the autoscaler restarts.
+                routine = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                repeated = exc.code() == self._last_code
+                self._last_code = exc.code()
+                log.log(logging.DEBUG if routine or repeated else logging.WARNING,
+                        "load reports to the autoscaler interrupted: %s: %s", exc.code().name, exc.details())
+            await self._sleep(self.backoff.next())    # reconnect back-off
 
     async def _reports(self):
+        written = 0
         while True:
             yield self.snapshot()
-            await asyncio.sleep(self.interval_s)     # the reporting period itself
+            written += 1
+            if written > 1:                           # reports a period apart taken without a refusal:
+                self.backoff.reset()                  # the stream works
+            await self._sleep(self.interval_s)        # the reporting period itself

@@ -8,6 +8,8 @@ the first call counts, every later one returns False. Two stores share one
 * ``MemoryMeter`` — a single-machine mesh without Redis;
 * ``RedisMeter``  — any number of routers sharing Redis; one Lua script does the
   dedupe, the increments and the event append atomically (DESIGN.md §4 State).
+  ``make_meter`` wraps it in ``router.meter_spool.SpooledMeter``, which keeps events
+  through a Redis outage and replays them, exactly once by request id, when it returns.
 
 Compute time is aggregated as integer nanoseconds in both stores. Floats added
 in different orders (or by Redis' long-double HINCRBYFLOAT, which also keeps a
@@ -302,7 +304,7 @@ class RedisMeter:
         return Internal(f"metering store: Redis at {where} failed: {type(exc).__name__}: {exc}",
                         component="metering")
 
-    async def record(self, event: MeterEvent) -> bool:
+    def _script_call(self, event: MeterEvent) -> tuple[list[str], list[str | int]]:
         keys = [f"{self.prefix}:seen:{event.request_id}",
                 self._row_prefix + encode_key(event.key()),
                 f"{self.prefix}:rows", f"{self.prefix}:events"]
@@ -310,10 +312,32 @@ class RedisMeter:
                                  event.output_tokens, event.compute_ns]
         for name, value in event_fields(event).items():
             args += [name, value]
+        return keys, args
+
+    async def record(self, event: MeterEvent) -> bool:
+        keys, args = self._script_call(event)
         try:
             return bool(await self._record(keys=keys, args=args))
         except (redis.RedisError, OSError) as exc:
             raise self._error(exc) from exc
+
+    async def record_many(self, events: list[MeterEvent]) -> list[bool]:
+        """``record`` each event, in order, in one round trip (a non-transactional
+        pipeline on one connection); True for each one counted. On an error some
+        may have counted and some not: recording them all again is safe, since each
+        keeps its request id (the spool's replay relies on this)."""
+        if not events:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        try:
+            for event in events:
+                keys, args = self._script_call(event)
+                await self._record(keys=keys, args=args, client=pipe)   # buffered, not sent
+            return [bool(counted) for counted in await pipe.execute()]
+        except (redis.RedisError, OSError) as exc:
+            raise self._error(exc) from exc
+        finally:
+            await pipe.reset()
 
     async def rows(self) -> list[MeterRow]:
         try:
@@ -348,8 +372,14 @@ class RedisMeter:
         await self._redis.aclose()
 
 
-def make_meter(redis_url: str | None) -> Meter:
-    """RedisMeter when a URL is configured, else the in-process MemoryMeter."""
+def make_meter(redis_url: str | None, *, metrics=None, spool_capacity: int | None = None) -> Meter:
+    """With a Redis URL: a ``RedisMeter`` behind a ``SpooledMeter`` (``router.meter_spool``),
+    so a Redis outage spools events for replay instead of losing them; ``metrics``
+    (``RouterMetrics``) counts what is spooled, replayed and dropped. Without: the
+    in-process ``MemoryMeter``."""
     if redis_url:
-        return RedisMeter(redis_url)
+        from router.meter_spool import DEFAULT_CAPACITY, SpooledMeter   # it imports this module
+
+        return SpooledMeter(RedisMeter(redis_url), metrics=metrics,
+                            capacity=spool_capacity or DEFAULT_CAPACITY)
     return MemoryMeter()

@@ -40,6 +40,15 @@ class RouterMetrics:
                                ("kind",), registry=r)
         self._ejections = Counter("cmesh_router_outlier_ejections_total", "Replica ejections", ("model",),
                                   registry=r)
+        # Metering through a Redis outage (router.meter_spool).
+        self._meter_spooled = Counter("cmesh_metering_spooled_total",
+                                      "Metering events spooled because the store was unavailable", registry=r)
+        self._meter_replayed = Counter("cmesh_metering_replayed_total",
+                                       "Spooled metering events the store has since confirmed", registry=r)
+        self._meter_dropped = Counter("cmesh_metering_dropped_total", "Metering events lost (spool full, "
+                                      "or still spooled when the router stopped)", registry=r)
+        self._meter_depth = Gauge("cmesh_metering_spool_depth", "Metering events waiting in the spool",
+                                  registry=r)
 
     def queue_depth(self, model: str, entries: Iterable) -> None:
         counts = TallyCounter(e.latency_class for e in entries)
@@ -88,6 +97,18 @@ class RouterMetrics:
 
     def ejected(self, model: str) -> None:
         self._ejections.labels(model).inc()
+
+    def metering_spooled(self, n: int) -> None:
+        self._meter_spooled.inc(n)
+
+    def metering_replayed(self, n: int) -> None:
+        self._meter_replayed.inc(n)
+
+    def metering_dropped(self, n: int) -> None:
+        self._meter_dropped.inc(n)
+
+    def metering_spool_depth(self, depth: int) -> None:
+        self._meter_depth.set(depth)
 
     def value(self, name: str, **labels: str) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from cmesh.config import TLSConfig
 from cmesh.errors import MeshError
+from cmesh.internal_auth import MeshCredentials, open_internal_channel
 from cmesh.tensors import decode_parameters
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
@@ -70,12 +70,11 @@ def _error_from_rpc(exc: grpc.aio.AioRpcError, started: bool) -> BackendError:
                         retry_after_ms=detail.retry_after_ms if detail else 0)
 
 
-def open_channel(address: str, tls: TLSConfig | None) -> grpc.aio.Channel:
-    if tls is not None:
-        from cmesh.tls import open_channel as open_tls
-
-        return open_tls(address, tls, options=CHANNEL_OPTIONS)
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def open_channel(address: str, credentials: MeshCredentials | None) -> grpc.aio.Channel:
+    """A channel to a replica: TLS settings plus the mesh-internal token, which every
+    call then carries (one client interceptor; none, and no per-call cost, without
+    a token)."""
+    return open_internal_channel(address, credentials, CHANNEL_OPTIONS)
 
 
 _TIMEOUT = object()
@@ -108,9 +107,9 @@ class _Mailbox:
 
 
 class UnaryPath:
-    def __init__(self, address: str, tls: TLSConfig | None = None) -> None:
+    def __init__(self, address: str, credentials: MeshCredentials | None = None) -> None:
         self.address = address
-        self.channel = open_channel(address, tls)
+        self.channel = open_channel(address, credentials)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
     async def call_once(self, request: pb.ModelInferRequest, timeout: float) -> pb.ModelInferResponse:
@@ -141,9 +140,9 @@ class UnaryPath:
 class StreamPath:
     """One bidi stream per replica, many requests in flight on it."""
 
-    def __init__(self, address: str, tls: TLSConfig | None = None) -> None:
+    def __init__(self, address: str, credentials: MeshCredentials | None = None) -> None:
         self.address = address
-        self.channel = open_channel(address, tls)
+        self.channel = open_channel(address, credentials)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self._ids = itertools.count(1)
         self._outbox: asyncio.Queue | None = None
@@ -260,8 +259,12 @@ class StreamPath:
         return item.infer_response
 
     def _broken(self, err: grpc.aio.AioRpcError, started: bool) -> BackendError:
-        code = err.code() if err.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
-        return BackendError(code, f"replica {self.address}: {err.details() or 'stream broken'}", started=started)
+        # The shared stream failing is the connection failing (a killed replica
+        # gives UNKNOWN "Stream removed"), never an answer about this request: it
+        # is UNAVAILABLE, so it is retried while nothing has reached the caller.
+        return BackendError(grpc.StatusCode.UNAVAILABLE,
+                            f"replica {self.address}: stream broke ({err.code().name}: "
+                            f"{err.details() or 'no detail'})", started=started, retryable=True)
 
     stream = _exchange
 
@@ -284,5 +287,5 @@ class StreamPath:
         await self.channel.close()
 
 
-def make_path(kind: str, address: str, tls: TLSConfig | None = None):
-    return StreamPath(address, tls) if kind == "stream" else UnaryPath(address, tls)
+def make_path(kind: str, address: str, credentials: MeshCredentials | None = None):
+    return StreamPath(address, credentials) if kind == "stream" else UnaryPath(address, credentials)

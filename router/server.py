@@ -4,12 +4,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cmesh.config import MeshConfig
+from cmesh.internal_auth import MeshCredentials
+from cmesh.looplag import LoopLagProbe
 from cmesh.serving import grpc_server, start_metrics
 from cmesh.errors import MeshError, abort_with
 from router.manifests import ManifestCache
@@ -25,6 +27,7 @@ from router.metrics import RouterMetrics
 from router.ratelimit import TenantLimiter
 from router.servicer import Describer, FrontDoor, RouterServicer, metadata_of
 from router.trust_io import FileAudit, MemoryAudit, TrustLayer
+from router.trust_pool import MaskPool
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,9 @@ class RouterOptions:
     port: int = 0
     metrics_port: int | None = None
     router_id: str = ""
+    # The mesh-internal token for calls to replicas and the autoscaler
+    # (cmesh.internal_auth); read from the environment by the entry point only.
+    internal_token: str | None = field(default=None, repr=False)
 
 
 class AdminGate(mesh_pb2_grpc.AdminServicer):
@@ -63,28 +69,31 @@ class RouterServer:
         self.config = config
         self.options = options
         self.metrics = metrics or RouterMetrics()
-        self.meter = meter or make_meter(config.redis_url)
+        self.meter = meter or make_meter(config.redis_url, metrics=self.metrics)
         self.auth = auth or Authenticator.from_env(config)
         self.table = EndpointTable()
         router_id = options.router_id or f"router-{uuid.uuid4().hex[:8]}"
         self.router_id = router_id
         self._report_task: asyncio.Task | None = None
         self.spans = None
+        credentials = MeshCredentials.of(config, options.internal_token)
         if config.router.autoscaler:
-            self.source = AutoscalerSource(config.router.autoscaler, self.table, router_id,
-                                           tls=config.security.client_tls)
+            self.source = AutoscalerSource(config.router.autoscaler, self.table, router_id, credentials)
         else:
             self.source = StaticSource(config, self.table)
         sink = FileAudit(config.security.audit_log) if config.security.audit_log else MemoryAudit()
         self.audit = sink
         self.core = RouterCore(config, self.table, self.meter, self.metrics, warm=self.source.warm,
-                               trust=TrustLayer(sink, self.metrics))
+                               trust=TrustLayer(sink, self.metrics, config.server.limits,
+                                                pool=MaskPool(config.security.mask_workers)),
+                               credentials=credentials)
         self.health = _Health()
         self.port = 0
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._http = None
         self._source_task: asyncio.Task | None = None
+        self.loop_lag: LoopLagProbe | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -114,6 +123,7 @@ class RouterServer:
         await self._server.start()
         self._http, self.metrics_port = start_metrics(self.options.metrics_port, self.options.host,
                                                       self.metrics.registry)
+        self.loop_lag = LoopLagProbe(self.metrics.registry).start()
         self._source_task = asyncio.create_task(self.source.run(), name="endpoint-source")
         if isinstance(self.source, AutoscalerSource):
             from router.load_report import LoadReporter
@@ -132,6 +142,8 @@ class RouterServer:
         for task in (self._source_task, self._report_task):
             if task is not None:
                 task.cancel()
+        if self.loop_lag is not None:
+            self.loop_lag.stop()
         await self.core.close()
         if self.spans is not None:
             self.spans.shutdown()

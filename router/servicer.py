@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from cmesh.config import MeshConfig
-from cmesh.errors import InvalidInput, MeshError, NotFound, Unavailable, abort_with
+from cmesh import wire
+from cmesh.errors import MeshError, NotFound, PermissionDenied, Unavailable, abort_with, quote
 from cmesh.rpc import guarded, serve_stream
 from cmesh.tensors import decode_parameters
 from protos import inference_pb2 as pb
@@ -59,20 +60,26 @@ class FrontDoor:
             remaining = self.config.router.default_timeout_s
         else:
             remaining -= answer_margin_s(remaining)
-        timeout_ms = params.get("cmesh-timeout-ms")
-        if timeout_ms:
-            remaining = min(remaining, float(timeout_ms) / 1000.0)
+        asked = wire.timeout_s(params.get(wire.P_TIMEOUT_MS))
+        if asked is not None:
+            remaining = min(remaining, asked)
+        limit = self.config.server.limits.max_id_chars
 
         def pick(key: str) -> str:
-            value = md.get(key) or params.get(key) or ""
-            return str(value)
+            # Metadata wins over the parameter of the same name.
+            return wire.text(key, md.get(key) or params.get(key), limit)
 
-        latency_class = pick(P_CLASS)
-        if latency_class and latency_class not in ("interactive", "batch"):
-            raise InvalidInput(P_CLASS, f"must be 'interactive' or 'batch', got {latency_class!r}")
-        return CallContext(principal=principal, pipeline=pick(P_PIPELINE), latency_class=latency_class,
-                           session=pick(P_SESSION), request_id=pick(P_REQUEST_ID), deadline=now + remaining,
-                           params=params)
+        return CallContext(principal=principal, pipeline=pick(P_PIPELINE),
+                           latency_class=wire.latency_class(pick(P_CLASS)), session=pick(P_SESSION),
+                           request_id=pick(P_REQUEST_ID), deadline=now + remaining, params=params)
+
+
+def require_public(config: MeshConfig, model: str) -> None:
+    """Models marked ``internal`` answer only as pipeline nodes, never a direct call."""
+    cfg = config.models.get(model)
+    if cfg is not None and cfg.internal:
+        raise PermissionDenied(f"model {quote(model)} is internal: it is reachable only as a pipeline node",
+                               component=model)
 
 
 class RouterServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -94,6 +101,7 @@ class RouterServicer(pb_grpc.GRPCInferenceServiceServicer):
     @guarded
     async def ModelReady(self, request, context):
         self.door.principal(context)
+        require_public(self.core.config, request.name)
         # A model with no replica is still servable: the router holds the request
         # and the autoscaler warms it. Unknown models are never ready.
         return pb.ModelReadyResponse(ready=self.health.ready and request.name in self.core.config.models)
@@ -102,12 +110,15 @@ class RouterServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request, context):
         self.door.principal(context)
         if request.name not in self.core.config.models:
-            raise NotFound(f"unknown model {request.name!r}", component=request.name)
+            raise NotFound(f"unknown model {quote(request.name)}", component=request.name)
+        require_public(self.core.config, request.name)
         return await self.describe(request.name, request.version)
 
     @guarded
     async def ModelInfer(self, request, context):
-        return await self.core.infer(self.door.context(context, request), request)
+        ctx = self.door.context(context, request)
+        require_public(self.core.config, request.model_name)
+        return await self.core.infer(ctx, request)
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         try:
@@ -118,6 +129,7 @@ class RouterServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def answer(request: pb.ModelInferRequest, emit) -> None:
             ctx = self.door.context(context, request, principal)
+            require_public(self.core.config, request.model_name)
             async for response in self.core.stream(ctx, request):
                 await emit(pb.ModelStreamInferResponse(infer_response=response))
 

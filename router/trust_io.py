@@ -7,19 +7,25 @@ import json
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Protocol
 
-import numpy as np
-
+from cmesh.config import InputLimits
 from cmesh.errors import InvalidInput
-from cmesh.tensors import deserialize_bytes, serialize_bytes
+from cmesh.tensors import DEFAULT_LIMITS, check_shape
 from protos import inference_pb2 as pb
 from router.metrics import RouterMetrics
-from router.trust import build_audit_record, mask_texts
+from router.trust import KINDS, build_audit_record
+from cmesh.bytes_elements import Malformed
+from router.trust_pool import MaskPool
+from router.trust_worker import FUNCTIONS
 
 log = logging.getLogger(__name__)
+
+# Texts up to this size are masked on the event loop (about 3 ms at most); larger
+# ones in the worker pool.
+INLINE_BYTES = 16 * 1024
 
 
 class AuditSink(Protocol):
@@ -51,55 +57,82 @@ class FileAudit(MemoryAudit):
 
 
 class TrustLayer:
-    def __init__(self, sink: AuditSink, metrics: RouterMetrics, wall: Callable[[], float] = time.time) -> None:
+    """Masks the text inputs of every request (and, per model, the text outputs)
+    under a size limit checked first; small texts inline, large ones in ``pool``."""
+
+    def __init__(self, sink: AuditSink, metrics: RouterMetrics, limits: InputLimits = DEFAULT_LIMITS,
+                 pool: MaskPool | None = None, *, inline_bytes: int = INLINE_BYTES,
+                 wall: Callable[[], float] = time.time) -> None:
         self.sink = sink
         self.metrics = metrics
+        self.limits = limits
+        self.pool = pool
+        self.inline_bytes = inline_bytes
         self._wall = wall
 
-    def apply(self, request: pb.ModelInferRequest, ctx, model: str) -> dict[str, int]:
-        """Mask every text input in place; returns the counts per kind."""
-        totals: dict[str, int] = {}
-        saw_text = False
+    async def apply(self, request: pb.ModelInferRequest, ctx, model: str, counts: list[int]) -> dict[str, int]:
+        """Mask every text input in place; ``counts`` are the element counts that
+        ``cmesh.tensors.check_request`` validated. Returns the masked counts per kind."""
         raws = request.raw_input_contents
-        for i, tensor in enumerate(request.inputs):
-            if tensor.datatype != "BYTES":
-                continue
-            count = int(np.prod(tensor.shape)) if len(tensor.shape) else 1
+        texts = [i for i, t in enumerate(request.inputs) if t.datatype == "BYTES"]
+        if not texts:
+            return {}
+        # Each raw buffer read once: every read of a repeated bytes field is a copy.
+        data = {i: raws[i] for i in texts} if raws else {}
+        size = sum(len(d) for d in data.values()) if raws else \
+            sum(request.inputs[i].contents.ByteSize() for i in texts)
+        if size > self.limits.max_text_bytes:
+            raise InvalidInput("inputs", f"{size} bytes of text exceed the trust layer's limit of "
+                                         f"{self.limits.max_text_bytes} per request")
+        totals: Counter = Counter()
+        saw_text = False
+        for i in texts:
+            tensor = request.inputs[i]
             if raws:
-                if i >= len(raws):
-                    continue                        # malformed: the model server rejects it
-                try:
-                    values = deserialize_bytes(tensor.name, raws[i], count)
-                except InvalidInput:
-                    continue
+                new, found, text = await self._run(size, tensor.name, "mask_raw", data[i], counts[i])
+                if new is not None:
+                    raws[i] = new
             else:
-                values = np.array(list(tensor.contents.bytes_contents), dtype=object)
-            texts, positions = [], []
-            for j, value in enumerate(values.reshape(-1)):
-                try:
-                    texts.append(bytes(value).decode("utf-8"))
-                    positions.append(j)
-                except UnicodeDecodeError:
-                    continue                        # binary, not text
-            if not texts:
-                continue
-            saw_text = True
-            masked, counts = mask_texts(texts)
-            for kind, n in counts.items():
-                totals[kind] = totals.get(kind, 0) + n
-            if not sum(counts.values()):
-                continue
-            flat = values.reshape(-1).copy()
-            for j, text in zip(positions, masked):
-                flat[j] = text.encode("utf-8")
-            if raws:
-                raws[i] = serialize_bytes(flat)
-            else:
-                del tensor.contents.bytes_contents[:]
-                tensor.contents.bytes_contents.extend(list(flat))
+                new, found, text = await self._run(size, tensor.name, "mask_values",
+                                                   list(tensor.contents.bytes_contents))
+                if new is not None:
+                    del tensor.contents.bytes_contents[:]
+                    tensor.contents.bytes_contents.extend(new)
+            totals.update(found)
+            saw_text = saw_text or text
         if saw_text:
-            self.metrics.masked(totals)
-            self.sink.write(build_audit_record(request_id=ctx.request_id, tenant=ctx.principal.tenant,
-                                               model=model, pipeline=ctx.pipeline, counts=totals,
-                                               timestamp=self._wall()))
-        return totals
+            self._account(ctx, model, totals)
+        return dict(totals)
+
+    async def mask_outputs(self, response: pb.ModelInferResponse, ctx, model: str,
+                           fields: tuple[str, ...] = ()) -> dict[str, int]:
+        """Mask the text outputs of a response (the model's ``trust.mask_outputs``)."""
+        raws = response.raw_output_contents
+        totals: Counter = Counter()
+        size = sum(len(r) for r in raws)
+        for i, tensor in enumerate(response.outputs):
+            if tensor.datatype != "BYTES" or i >= len(raws):
+                continue
+            count = check_shape(tensor.name, tensor.shape, self.limits)
+            new, found, _ = await self._run(size, tensor.name, "mask_raw", raws[i], count, fields)
+            if new is not None:
+                raws[i] = new
+            totals.update(found)
+        if sum(totals.values()):
+            self._account(ctx, model, totals)
+        return dict(totals)
+
+    async def _run(self, size: int, tensor: str, name: str, *args):
+        try:
+            if size <= self.inline_bytes or self.pool is None:
+                return FUNCTIONS[name](*args)
+            return await self.pool.run(name, *args)
+        except Malformed as exc:
+            raise InvalidInput(tensor, str(exc)) from None
+
+    def _account(self, ctx, model: str, totals: Counter) -> None:
+        self.metrics.masked(totals)
+        self.sink.write(build_audit_record(request_id=ctx.request_id, tenant=ctx.principal.tenant,
+                                           model=model, pipeline=ctx.pipeline,
+                                           counts={k: n for k, n in totals.items() if k in KINDS},
+                                           timestamp=self._wall()))

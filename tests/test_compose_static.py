@@ -216,6 +216,18 @@ def test_mounted_config_validates_and_the_router_has_every_key_env_var():
     assert all(env[k] for k in wanted)
 
 
+def test_every_cmesh_service_gets_the_internal_token_and_compose_has_no_default():
+    """Replicas and the autoscaler demand the mesh-internal token (security.internal_token_env):
+    every cmesh service must have it, from the shell, and compose must refuse to start
+    without it rather than fall back to a well-known value."""
+    name = load_config(COMPOSE_DIR / "mesh.yaml").security.internal_token_env
+    assert name, "compose/mesh.yaml leaves the internal ports open"
+    for service in CMESH_SERVICES:
+        value = str(SERVICES[service].get("environment", {}).get(name, ""))
+        assert value.startswith(f"${{{name}:?"), f"{service}: {name} must be required (${{{name}:?message}})"
+        assert ":-" not in value and value.endswith("}"), f"{service}: no default for {name}"
+
+
 def test_standalone_model_server_serves_models_of_the_config():
     config = load_config(COMPOSE_DIR / "mesh.yaml")
     _, args = parse_command(SERVICES["model-server"]["command"])

@@ -301,3 +301,96 @@ def test_rbac_allows_exactly_what_the_kubernetes_provider_calls():
         if other is not d:
             assert other["spec"]["template"]["spec"].get("automountServiceAccountToken") is False, \
                 other["metadata"]["name"]
+
+
+# ---------------------------------------------------------------- internal ports
+
+def cmesh_deployments() -> list[dict]:
+    return [d for d in objects("Deployment") if d["metadata"]["name"] != "redis"]
+
+
+def test_every_cmesh_pod_gets_the_internal_token_from_a_secret_the_repository_does_not_hold():
+    name = CONFIG.security.internal_token_env
+    assert name, "mesh.yaml leaves the internal ports open"
+    refs = set()
+    for d in cmesh_deployments():
+        env = {e["name"]: e for e in container(d).get("env", [])}
+        assert name in env, f"{d['metadata']['name']}: no {name}"
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref.get("optional") is not True, "a replica without the token must not start open"
+        refs.add((ref["name"], ref["key"]))
+    assert len(refs) == 1, f"one token for the whole mesh, got {refs}"
+    [(secret, _)] = refs
+    # A token in the repository is public: the Secret is created at install (00-namespace.yaml says how).
+    assert not [s for s in objects("Secret") if s["metadata"]["name"] == secret]
+    assert f"create secret generic {secret}" in (K8S_DIR / "00-namespace.yaml").read_text()
+
+
+def pod_labels(d: dict) -> dict:
+    return d["spec"]["template"]["metadata"]["labels"]
+
+
+def selected(selector: dict) -> set[str]:
+    """Names of the Deployments whose pods a (matchLabels-only) podSelector selects."""
+    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are checked here"
+    want = selector.get("matchLabels", {})
+    return {d["metadata"]["name"] for d in objects("Deployment") if want.items() <= pod_labels(d).items()}
+
+
+def policy_for(deployments: set[str]) -> dict:
+    [policy] = [p for p in objects("NetworkPolicy") if selected(p["spec"]["podSelector"]) == deployments]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    return policy
+
+
+def allowed(policy: dict, d: dict) -> dict[int, set[str]]:
+    """Container port of ``d`` -> the peers allowed to reach it: Deployment names for
+    pod selectors in this namespace, 'prometheus' for the Prometheus rule."""
+    out: dict[int, set[str]] = {}
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits everyone"
+        peers = set()
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, "no address ranges: peers are pods"
+            if "namespaceSelector" in peer:
+                assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+                peers.add("prometheus")
+            else:
+                found = selected(peer["podSelector"])
+                assert found, f"{peer} selects no Deployment"
+                peers |= found
+        for port in rule["ports"]:
+            assert port["protocol"] == "TCP"
+            out.setdefault(port_number(container(d), port["port"]), set()).update(peers)
+    return out
+
+
+def test_replica_ports_admit_only_routers_and_the_autoscaler():
+    replicas = {d["metadata"]["name"] for d in model_server_deployments()}
+    policy = policy_for(replicas)                         # every model-server pod, nothing else
+    for name in replicas:
+        d = one("Deployment", name)
+        _, args = parse_container(container(d))
+        assert allowed(policy, d) == {args.port: {"router", "autoscaler"}, args.metrics_port: {"prometheus"}}
+
+
+def test_the_autoscaler_admits_only_routers():
+    d = one("Deployment", "autoscaler")
+    _, args = parse_container(container(d))
+    grpc_port = int(args.listen.rsplit(":", 1)[1])
+    assert allowed(policy_for({"autoscaler"}), d) == {grpc_port: {"router"}, args.metrics_port: {"prometheus"}}
+
+
+def test_redis_admits_only_routers_and_the_autoscaler():
+    d = one("Deployment", "redis")
+    assert allowed(policy_for({"redis"}), d) == {6379: {"router", "autoscaler"}}
+
+
+def test_the_router_stays_open_and_every_policy_selects_pods():
+    for policy in objects("NetworkPolicy"):
+        assert selected(policy["spec"]["podSelector"]), policy["metadata"]["name"]
+        assert "router" not in selected(policy["spec"]["podSelector"]), "the router is the front door"
+    # The probes that cannot authenticate are the kubelet's (node traffic: not subject to policies)
+    # and use grpc.health.v1, which replicas leave open.
+    for d in model_server_deployments():
+        assert "grpc" in container(d)["readinessProbe"]

@@ -11,6 +11,7 @@ from cmesh.config import parse_config
 from cmesh.cost import GROUP_BY, build_report
 from cmesh.errors import Unavailable
 from meshtest import free_port
+from router.meter_spool import SpooledMeter
 from router.metering import (MemoryMeter, Meter, MeterEvent, RedisMeter, decode_key, encode_key,
                              make_meter, redact_url)
 
@@ -78,7 +79,8 @@ def test_both_meters_satisfy_the_protocol(redis_url) -> None:
     assert isinstance(MemoryMeter(), Meter)
     assert isinstance(RedisMeter(redis_url), Meter)
     assert isinstance(make_meter(None), MemoryMeter)
-    assert isinstance(make_meter(redis_url), RedisMeter)
+    spooled = make_meter(redis_url)
+    assert isinstance(spooled, SpooledMeter) and isinstance(spooled.inner, RedisMeter)
 
 
 async def test_duplicate_request_id_is_counted_once(meter) -> None:

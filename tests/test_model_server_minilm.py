@@ -22,7 +22,7 @@ TEXTS = ["How do I reset my password?", "Where is my order 1042?",
 def server(demo_store, tmp_path_factory):
     cfg = write_config(tmp_path_factory.mktemp("cfg") / "mesh.yaml", {
         "store": str(demo_store),
-        "server": {"max_message_bytes": 256 * 1024},
+        "server": {"max_message_bytes": 256 * 1024, "model_control": "explicit"},   # the repository API test
         "models": {"embedder": {"source": "store://minilm-l6/1",
                                 "batching": {"max_batch_size": MAX_BATCH, "max_queue_delay_ms": 20},
                                 "options": {"max_chars": 500}}}})
@@ -117,7 +117,7 @@ def test_shape_that_disagrees_with_data_and_missing_input(client) -> None:
     req.inputs.add(name="text", datatype="BYTES", shape=[3])
     req.raw_input_contents.append(tensors.serialize_bytes(np.array([b"a", b"b"], dtype=object)))
     expect_error(lambda: client.stub.ModelInfer(req), grpc.StatusCode.INVALID_ARGUMENT,
-                 "text: BYTES data holds fewer than the 3 elements")
+                 "text: BYTES data of 10 bytes cannot hold the 3 elements")
     expect_error(lambda: client.stub.ModelInfer(pb.ModelInferRequest(model_name="embedder")),
                  grpc.StatusCode.INVALID_ARGUMENT, "text: required input is missing")
 

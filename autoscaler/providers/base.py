@@ -46,3 +46,12 @@ class Provider(Protocol):
 
     async def close(self) -> None:
         """Stop every replica (drained where possible) and leave nothing running."""
+
+
+class ReplacingProvider(Provider, Protocol):
+    """A provider the autoscaler's readiness probe (``autoscaler.prober``) can act
+    through: the local one. (Kubernetes pods are judged by the kubelet's probes instead.)"""
+
+    async def replace(self, handle: ReplicaHandle, reason: str) -> None:
+        """Take a ready replica that failed its probes out of the endpoint table and
+        stop it; no longer counted, it is succeeded on the loop's next tick."""

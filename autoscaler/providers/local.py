@@ -25,6 +25,7 @@ from pathlib import Path
 
 from autoscaler.providers.base import ReplicaHandle
 from cmesh.config import MeshConfig
+from cmesh.internal_auth import MeshCredentials, open_internal_channel
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ ROUTER_NOTICE_S = 0.3     # a draining replica leaves the table this long before
 class LocalProvider:
     def __init__(self, config: MeshConfig, config_path: str, *, state_dir: str | Path = ".cmesh/autoscaler",
                  host: str = "127.0.0.1", advertise_host: str | None = None, grace_s: float | None = None,
-                 extra_env: dict[str, str] | None = None, zygote: bool = True) -> None:
+                 extra_env: dict[str, str] | None = None, zygote: bool = True,
+                 credentials: MeshCredentials | None = None) -> None:
         self.config = config
         self.config_path = str(config_path)
         self.state_dir = Path(state_dir)
@@ -46,6 +48,12 @@ class LocalProvider:
         # Replicas of several models share this machine's cores: idle OpenMP threads
         # must sleep rather than spin, or replicas starting together starve each other.
         self._env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(extra_env or {})}
+        # The mesh-internal token (a value from the entry point): replicas demand it
+        # of their callers, and the fork server passes its environment to them.
+        self.credentials = credentials or MeshCredentials(config.security.client_tls)
+        token_env = config.security.internal_token_env
+        if token_env and self.credentials.token:
+            self._env[token_env] = self.credentials.token
         self._replicas: dict[str, ReplicaHandle] = {}
         self._tasks: set[asyncio.Task] = set()
         self._listeners: list[Callable[[], None]] = []
@@ -146,8 +154,9 @@ class LocalProvider:
             handle = ReplicaHandle(id=entry["id"], model=entry["model"], pool=entry["pool"],
                                    device=entry.get("device", ""), state="ready", address=entry["address"],
                                    started_at=time.monotonic(), cold_start_s=entry.get("cold_start_s"),
-                                   memory_mb=entry.get("memory_mb", 0), info={"pid": pid, "adopted": True})
-            if not await _serving(handle.address):
+                                   memory_mb=entry.get("memory_mb", 0), info={"pid": pid, "adopted": True},
+                                   variants=tuple(self.config.models[entry["model"]].variant_sources()))
+            if not await _serving(handle.address, self.credentials):
                 continue
             self._replicas[handle.id] = handle
             handle.info["exited"] = _watch_exit(pid)
@@ -217,6 +226,17 @@ class LocalProvider:
         if handle.state != "draining":          # died on its own: the loop will replace it
             log.warning("replica %s of %s exited unexpectedly", handle.id, handle.model)
             self._forget(handle)
+
+    async def replace(self, handle: ReplicaHandle, reason: str) -> None:
+        """Stop a ready replica that failed its readiness probe. It leaves the
+        endpoint table at once; no longer counted, it is succeeded by a new one
+        on the control loop's next tick."""
+        if handle.state != "ready" or handle.id not in self._replicas:
+            return
+        handle.info["replaced"] = reason
+        handle.state = "draining"               # now, so the loop counts it gone at once
+        self._changed()
+        self._track(asyncio.create_task(self._drain(handle), name=f"replace-{handle.id}"))
 
     async def _drain(self, handle: ReplicaHandle, notice_s: float = ROUTER_NOTICE_S) -> None:
         handle.state = "draining"
@@ -354,7 +374,7 @@ def _watch_exit(pid: int) -> asyncio.Future:
     return done
 
 
-async def _serving(address: str | None) -> bool:
+async def _serving(address: str | None, credentials: MeshCredentials | None = None) -> bool:
     if not address:
         return False
     import grpc
@@ -363,7 +383,7 @@ async def _serving(address: str | None) -> bool:
     from protos import inference_pb2_grpc as pb_grpc
 
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with open_internal_channel(address, credentials) as channel:
             reply = await pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest(), timeout=2)
             return reply.ready
     except grpc.aio.AioRpcError:

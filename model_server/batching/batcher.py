@@ -3,6 +3,8 @@
 The loop waits on an event (never polls), asks the pure policy what to run, and
 runs the engine in a one-thread executor so the event loop keeps accepting
 requests while a batch computes; whatever arrives meanwhile forms the next batch.
+An engine that declares ``concurrent_batches > 1`` gets that many threads, and
+the loop forms the next batch while earlier ones still run (up to that many).
 Every request gets exactly one answer: its result, its own error, or - if the
 engine broke the batch contract - a clear Internal error.
 """
@@ -40,8 +42,11 @@ class DynamicBatcher:
         self.policy = policy
         self.max_queue_size = max_queue_size
         self.metrics = metrics
+        self._concurrency = max(1, int(engine.concurrent_batches))
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"engine-{engine.ctx.model}")
+            max_workers=self._concurrency, thread_name_prefix=f"engine-{engine.ctx.model}")
+        self._slots = asyncio.Semaphore(self._concurrency)
+        self._batches: set[asyncio.Task] = set()
         self._own_executor = executor is None
         # uvloop's loop.time() ticks in whole milliseconds; measure with monotonic.
         self._now = clock or time.monotonic
@@ -62,6 +67,8 @@ class DynamicBatcher:
         self._wakeup.set()
         if self._task is not None:
             await self._task
+        if self._batches:
+            await asyncio.gather(*list(self._batches), return_exceptions=True)
         if self._own_executor:
             self._executor.shutdown(wait=True)
 
@@ -138,14 +145,26 @@ class DynamicBatcher:
             chosen = set(decision.take)
             batch = [e for i, e in enumerate(self._pending) if i in chosen]
             self._pending = [e for i, e in enumerate(self._pending) if i not in chosen]
+            if self._concurrency == 1:
+                await self._run(batch)
+                continue
+            await self._slots.acquire()
+            task = asyncio.create_task(self._run_in_slot(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _run_in_slot(self, batch: list[_Entry]) -> None:
+        try:
             await self._run(batch)
+        finally:
+            self._slots.release()
 
     async def _run(self, batch: list[_Entry]) -> None:
         batch = [e for e in batch if not e.future.done()]   # callers that gave up
         if not batch:
             self._update_gauges()
             return
-        self._running = len(batch)
+        self._running += len(batch)
         self._update_gauges()
         loop = asyncio.get_running_loop()
         items = [e.item for e in batch]
@@ -168,7 +187,7 @@ class DynamicBatcher:
                 entry.future.set_result(Completion(
                     result=result, queue_s=started - entry.arrived,
                     compute_s=elapsed * entry.item.rows / total_rows, batch_sizes=[total_rows]))
-        self._running = 0
+        self._running -= len(batch)
         self._update_gauges()
 
     async def _isolate(self, items: list[InferItem]) -> list[ItemResult]:

@@ -64,6 +64,11 @@ class Engine(abc.ABC):
 
     kind: ClassVar[str]            # the manifest's ``engine`` value
     generative: ClassVar[bool] = False
+    # Batches the batcher may run at once. 1 (the default): ``run_batch`` is only
+    # ever called from one thread. Engines whose calls are independent and
+    # thread-safe (a tool like sql-sqlite, with a connection per slot) set more
+    # in ``load``, so one slow batch never holds up the batches behind it.
+    concurrent_batches: int = 1
 
     def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx

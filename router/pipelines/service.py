@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from cmesh.cost import price
-from cmesh.errors import InvalidInput, MeshError, NotFound, abort_with
+from cmesh import wire
+from cmesh.errors import InvalidInput, MeshError, NotFound, abort_with, quote
 from cmesh.rpc import guarded
 from protos import mesh_pb2, mesh_pb2_grpc
 from router.manifests import ManifestCache
@@ -57,11 +58,18 @@ class PipelinesServicer(mesh_pb2_grpc.PipelinesServicer):
     def _graph(self, name: str) -> PipelineGraph:
         graph = self.graphs.get(name)
         if graph is None:
-            raise NotFound(f"unknown pipeline {name!r}; pipelines: {sorted(self.graphs)}", pipeline=name)
+            raise NotFound(f"unknown pipeline {quote(name)}; pipelines: {sorted(self.graphs)}", pipeline=name)
         return graph
 
     def _prepare(self, request: mesh_pb2.RunRequest, context):
         graph = self._graph(request.pipeline)
+        limits = self.core.config.server.limits
+        request_id = wire.text("request_id", request.request_id, limits.max_id_chars)
+        session = wire.text("session", request.session, limits.max_id_chars)
+        size = sum(len(k) + len(v) for k, v in request.inputs.items())
+        if size > limits.max_text_bytes:
+            raise InvalidInput("inputs", f"{size} characters of input exceed the limit of {limits.max_text_bytes}",
+                               pipeline=request.pipeline)
         if "text" in request.inputs and not request.inputs["text"].strip():
             raise InvalidInput("inputs.text", "must not be empty", pipeline=request.pipeline)
         principal = self.door.principal(context)
@@ -77,7 +85,7 @@ class PipelinesServicer(mesh_pb2_grpc.PipelinesServicer):
             remaining -= answer_margin_s(remaining)
         caller = NodeCaller(self.core, self.manifests, pipeline=request.pipeline,
                             latency_class=graph.config.latency_class, principal=principal,
-                            request_id=request.request_id or uuid.uuid4().hex, session=request.session)
+                            request_id=request_id or uuid.uuid4().hex, session=session)
         return graph, caller, now + remaining
 
     async def _execute(self, request, context, events=None, stream: bool = False) -> mesh_pb2.RunResponse:
