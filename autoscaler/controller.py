@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+from autoscaler.graph_ahead import ahead_concurrency, model_edges, window_rates
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.placement import Placed, place, replica_request, utilisation
 from autoscaler.policy import PolicyState, ScalingContext, decide, uniform_contexts
@@ -49,6 +50,7 @@ class Controller:
         self._states: dict[str, PolicyState] = {m: PolicyState() for m in config.models}
         self._decisions: dict[str, object] = {}
         self._warmed_at: dict[str, float] = {}
+        self._graph_edges = model_edges(config)     # graph-ahead: upstream models per model
         self._refused: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._publish_pending = False
@@ -97,25 +99,31 @@ class Controller:
             now = self._now()
             wall = datetime.fromtimestamp(self._wall(), tz=timezone.utc)
             scheduled = scheduled_minimums(self.config, wall, self.config.autoscaler.schedule_lead_s)
-            contexts = {m: self._context(m, now, scheduled.get(m, 0)) for m in self.config.models}
+            ahead = self._ahead(now)
+            contexts = {m: self._context(m, now, scheduled.get(m, 0), ahead) for m in self.config.models}
             if self.config.autoscaler.strategy == "uniform":
                 contexts = uniform_contexts(contexts, self._uniform_target())
             for model in only or list(self.config.models):
                 await self._decide(model, contexts[model], now)
             self._observe()
 
-    def _context(self, model: str, now: float, scheduled_min: int) -> ScalingContext:
-        spec = self.config.models[model].deployment
-        cfg = self.config.autoscaler
-        last_traffic = max(filter(None, (self.window.last_traffic(model), self._warmed_at.get(model))),
-                           default=None)
-        return ScalingContext(
-            model=model, spec=spec, current_dedicated=self._count(model, "dedicated"),
+    def _context(self, model: str, now: float, scheduled_min: int,
+                 ahead: dict[str, float] | None = None) -> ScalingContext:
+        # The one context builder (the tests' and the simulator's too).
+        return ScalingContext.from_window(
+            self.window, model, self.config.models[model].deployment, self.config.autoscaler, now,
             current_serverless=self._count(model, "serverless"),
-            stable_concurrency=self.window.average_concurrency(model, now, cfg.stable_window_s),
-            panic_concurrency=self.window.average_concurrency(model, now, cfg.panic_window_s),
-            metrics_age_s=self.window.last_sample_age(model, now), held=self.window.held(model, now),
-            idle_s=None if last_traffic is None else now - last_traffic, scheduled_min=scheduled_min, now=now)
+            current_dedicated=self._count(model, "dedicated"), scheduled_min=scheduled_min,
+            touched_at=self._warmed_at.get(model),
+            ahead_concurrency=(ahead or {}).get(model))
+
+    def _ahead(self, now: float) -> dict[str, float] | None:
+        """Graph-ahead predictions (``autoscaler.graph_ahead``), or None when off."""
+        if not self.config.autoscaler.graph_ahead:
+            return None
+        cfg = self.config.autoscaler
+        return ahead_concurrency(self._graph_edges, window_rates(self.window, self.config.models, now,
+                                                                 cfg.panic_window_s, cfg.stable_window_s))
 
     def _uniform_target(self) -> float:
         cfg = self.config.autoscaler
@@ -123,7 +131,6 @@ class Controller:
             m.deployment.target_concurrency for m in self.config.models.values())
 
     async def _decide(self, model: str, ctx: ScalingContext, now: float) -> None:
-        spec = self.config.models[model].deployment
         cfg = self.config.autoscaler
         current = {"dedicated": ctx.current_dedicated, "serverless": ctx.current_serverless}
         decision, self._states[model] = decide(ctx, cfg, self._states[model])
@@ -131,12 +138,7 @@ class Controller:
         desired = {"dedicated": decision.desired_dedicated, "serverless": decision.desired_serverless}
         if not decision.valid:
             desired = dict(current)            # no valid decision: keep what runs
-        if model in self._warmed_at and now - self._warmed_at[model] < spec.idle_timeout_s:
-            # A warm-up asked for this model: keep one replica until the policy has
-            # traffic of its own to go on (or the idle timeout passes).
-            pool = "dedicated" if spec.mode == "dedicated" else "serverless"
-            if desired["dedicated"] + desired["serverless"] == 0:
-                desired[pool] = 1
+        # (The warm-up floor is the policy's: ctx.warmed_s, autoscaler.policy.decide.)
         for pool in POOLS:
             self.metrics.desired.labels(model, pool).set(desired[pool])
             if desired[pool] != current[pool]:

@@ -24,9 +24,25 @@ The steps, each a small function, in order:
    as if the pool were 1, so a burst from zero can start several at once);
 7. scale-down delay — the max of this decision and those of the last
    ``scale_down_delay_s`` (a dip must last that long before it removes replicas);
+   start-up hold — no scale-down while the window holds less than a full
+   ``stable_window_s`` of data (``data_span_s``): averages start where the data
+   starts, so a fresh autoscaler facing replicas that already serve would
+   otherwise judge them on a second or two of reports, in which the load of a
+   slow model (an LLM's seconds-long calls) has not built up yet, and drop
+   replicas that cost a cold start to get back;
 8. bounds — ``[max(min_replicas, scheduled minimum), max_replicas]``;
 9. floors — a serverless model with traffic keeps one replica until it has been
-   idle for ``idle_timeout_s``; held requests always get at least one.
+   idle for ``idle_timeout_s``; held requests always get at least one; a model
+   warmed (pre-warm, ``Warm``) less than ``idle_timeout_s`` ago keeps one until
+   its own traffic decides (this floor holds with missing metrics too: a warm-up
+   is asked for *before* any report exists).
+
+The context itself is built in one place, :meth:`ScalingContext.from_window`:
+the controller, the tests and the simulator (``sim/``) all call it, so what is
+tested and what is simulated is what production runs. With graph-ahead scaling
+(``autoscaler.graph_ahead``) the context also carries ``ahead_concurrency``, the
+load a model's upstream arrivals predict (``autoscaler.graph_ahead``); the
+policy scales to at least that, as if the load had already arrived.
 
 The decision is made per model on that model's own load (the window holds each
 model separately), never on the mesh's aggregate request count, so a flood on
@@ -71,15 +87,29 @@ class ScalingContext:
     idle_s: float | None
     scheduled_min: int
     now: float
+    # Seconds since the model was last warmed (pre-warm, Warm request); None: never.
+    warmed_s: float | None = None
+    # Graph-ahead: the concurrency upstream arrivals predict for this model
+    # (``autoscaler.graph_ahead.ahead_concurrency``); None: no prediction.
+    ahead_concurrency: float | None = None
+    # Seconds of the stable window the metrics cover (``MetricsWindow.span``);
+    # less than ``stable_window_s``: too little data to scale down on. None: unknown
+    # (a hand-made context), which does not hold anything.
+    data_span_s: float | None = None
 
     @classmethod
     def from_window(cls, window: "MetricsWindow", model: str, spec: DeploymentConfig,
                     config: AutoscalerConfig, now: float, *, current_serverless: int,
                     current_dedicated: int, scheduled_min: int = 0,
-                    touched_at: float | None = None) -> "ScalingContext":
-        """Snapshot a model from the metrics window. ``touched_at`` is the last
-        time something other than traffic made the model busy (a pre-warm, the
-        autoscaler's start), so warmed replicas get a full idle timeout."""
+                    touched_at: float | None = None,
+                    ahead_concurrency: float | None = None) -> "ScalingContext":
+        """Snapshot a model from the metrics window: the one way a context is
+        built (controller, tests, simulator). ``touched_at`` is the last time
+        something other than traffic made the model busy (a pre-warm, a Warm
+        request), so warmed replicas get a full idle timeout and the warm-up
+        floor. Times are compared with ``is not None``: 0.0 is a valid instant
+        (a virtual clock starts there), never "unknown". ``idle_s`` is never
+        negative (a warm-up stamped a hair after ``now`` is idle 0, not -ε)."""
         marks = [t for t in (window.last_traffic(model), touched_at) if t is not None]
         return cls(
             model=model, spec=spec,
@@ -89,7 +119,10 @@ class ScalingContext:
             metrics_age_s=window.last_sample_age(model, now),
             held=window.held(model, now),
             idle_s=max(0.0, now - max(marks)) if marks else None,
-            scheduled_min=scheduled_min, now=now)
+            scheduled_min=scheduled_min, now=now,
+            warmed_s=None if touched_at is None else max(0.0, now - touched_at),
+            ahead_concurrency=ahead_concurrency,
+            data_span_s=window.span(model, now, config.stable_window_s))
 
 
 @dataclass(frozen=True)
@@ -145,6 +178,8 @@ def decide(ctx: ScalingContext, config: AutoscalerConfig,
         panic = state.in_panic(ctx.now)
         if needs_first and current < 1:
             return Decision(dedicated, 1, panic, f"held {ctx.held} → 1 ({stale})"), state
+        if _warming(ctx) and current < 1 and dedicated == 0 and hi >= 1:
+            return Decision(dedicated, 1, panic, f"warmed {ctx.warmed_s:.0f}s ago → 1 ({stale})"), state
         keep = _clamp(current, lo, hi)
         if keep != current:
             # Bounds need no metrics: provisioned (or scheduled) replicas start,
@@ -162,6 +197,11 @@ def decide(ctx: ScalingContext, config: AutoscalerConfig,
     stable_load = _pool_load(ctx.stable_concurrency or 0.0, spec)
     panic_load = _pool_load(ctx.panic_concurrency if ctx.panic_concurrency is not None
                             else ctx.stable_concurrency or 0.0, spec)
+    if ctx.ahead_concurrency is not None:
+        # Graph-ahead: what upstream arrivals say is on its way counts as load
+        # already here, in both windows (it is a short-horizon forecast).
+        ahead = _pool_load(ctx.ahead_concurrency, spec)
+        stable_load, panic_load = max(stable_load, ahead), max(panic_load, ahead)
     want_stable = _replicas(stable_load, spec.target_concurrency)
     want_panic = _replicas(panic_load, spec.target_concurrency)
 
@@ -169,6 +209,8 @@ def decide(ctx: ScalingContext, config: AutoscalerConfig,
     desired, note = _rate_limit(desired, current, config.max_scale_up_rate)
     reason += note
     desired, state, note = _delay_step(desired, ctx.now, config.scale_down_delay_s, state)
+    reason += note
+    desired, note = _startup_hold(desired, ctx, config.stable_window_s)
     reason += note
     bounded = _clamp(desired, lo, hi)
     if bounded > desired:
@@ -183,6 +225,10 @@ def decide(ctx: ScalingContext, config: AutoscalerConfig,
         bounded, reason = 1, f"{reason}; {idle} of {spec.idle_timeout_s:g}s → keep 1"
     if needs_first and bounded < 1:
         bounded, reason = 1, f"held {ctx.held} → 1"
+    if _warming(ctx) and bounded + dedicated < 1 and hi >= 1:
+        # Warm-up floor: a model warmed ahead of its traffic keeps one replica
+        # until the idle timeout passes or its own load decides.
+        bounded, reason = 1, f"{reason}; warmed {ctx.warmed_s:.0f}s ago → keep 1"
     return Decision(dedicated, bounded, state.in_panic(ctx.now), reason), state
 
 
@@ -196,6 +242,11 @@ def _staleness(ctx: ScalingContext, config: AutoscalerConfig) -> str | None:
     if ctx.metrics_age_s > config.stale_after_s:
         return f"stale metrics ({ctx.metrics_age_s:.1f}s old)"
     return None
+
+
+def _warming(ctx: ScalingContext) -> bool:
+    """Warmed less than an idle timeout ago: the warm-up floor applies."""
+    return ctx.warmed_s is not None and ctx.warmed_s < ctx.spec.idle_timeout_s
 
 
 def _idle(ctx: ScalingContext) -> bool:
@@ -258,6 +309,16 @@ def _delay_step(desired: int, now: float, delay_s: float,
     if held > desired:
         return held, state, f" (scale-down delay keeps {held})"
     return desired, state, ""
+
+
+def _startup_hold(desired: int, ctx: ScalingContext, window_s: float) -> tuple[int, str]:
+    """Less than a full stable window of data: never below the current pool
+    (scaling up goes on; bounds and the idle rule still apply)."""
+    span = ctx.data_span_s
+    if span is None or span >= window_s - _EPS or desired >= ctx.current_serverless:
+        return desired, ""
+    return ctx.current_serverless, (f" (start-up: {span:.0f}s of {window_s:g}s of data, "
+                                    f"keeps {ctx.current_serverless})")
 
 
 def _bounds(ctx: ScalingContext) -> tuple[int, int, str]:

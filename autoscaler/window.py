@@ -167,6 +167,14 @@ class MetricsWindow:
             return None
         return max(0.0, now - s.last_t)
 
+    def span(self, model: str, now: float, window_s: float) -> float:
+        """How much of ``(now - window_s, now]`` the kept data covers (averages and
+        rates over a window start where the data starts); 0 when nothing is kept."""
+        s = self._series.get(model)
+        if s is None or s.first_t is None:
+            return 0.0
+        return max(0.0, now - max(now - window_s, s.first_t))
+
     def last_traffic(self, model: str) -> float | None:
         """When a report last showed load (concurrency, arrivals or held > 0)."""
         s = self._series.get(model)

@@ -347,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pipeline_parser(sub)
 
+    from cmesh.cli_plan import add_parsers as add_plan_parsers
+
+    add_plan_parsers(sub)                  # cmesh profile, cmesh plan
+
     cost = sub.add_parser("cost", help="the cost report by pipeline, tenant, model or variant",
                           description="Print metered requests, errors, tokens, compute seconds and "
                                       "cost. Reads the metering store with --redis (priced by "

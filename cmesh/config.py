@@ -356,6 +356,9 @@ class AutoscalerConfig(Strict):
                                 "(default: the sum of the models' target_concurrency)")
     coordinated_prewarm: bool = Field(True, description="a cold touch of one model of a pipeline warms the "
                                                         "rest of the pipeline in parallel")
+    graph_ahead: bool = Field(False, description="scale a pipeline's downstream models on their upstream "
+                                                 "models' arrivals times the measured branch ratios, "
+                                                 "before their own queues show the load")
     drain_grace_s: float = Field(20.0, ge=0, description="scale-down: in-flight work may take this long")
     ready_timeout_s: float = Field(180.0, gt=0, description="a replica not ready by then is replaced")
     lease_ttl_s: float = Field(5.0, gt=0, description="leader lease in Redis; a standby takes over after it")

@@ -335,3 +335,61 @@ def test_uniform_goes_to_zero_only_when_the_whole_mesh_is_idle() -> None:
     none = {m: replace(c, stable_concurrency=None, panic_concurrency=None, metrics_age_s=None)
             for m, c in busy.items()}
     assert not any(run(c).valid for c in uniform_contexts(none, 16.0).values())
+
+
+# ------------------------------------------------------- start-up hold
+
+
+def _fresh_window(seconds: int, concurrency: float, start: float = 1000.0) -> MetricsWindow:
+    """A fresh autoscaler's window: ``seconds`` of one router's reports."""
+    window = MetricsWindow(CFG.stable_window_s, source_ttl_s=CFG.stale_after_s)
+    for t in range(seconds):
+        window.add("m", start + t, concurrency, arrivals=5, source="r1")
+    return window
+
+
+def test_from_window_carries_the_data_span() -> None:
+    window = _fresh_window(3, 4.0)
+    c = ScalingContext.from_window(window, "m", serverless(), CFG, 1002.5, current_serverless=6,
+                                   current_dedicated=0)
+    assert c.data_span_s == pytest.approx(2.5)
+    full = _fresh_window(200, 4.0)
+    c = ScalingContext.from_window(full, "m", serverless(), CFG, 1199.5, current_serverless=6,
+                                   current_dedicated=0)
+    assert c.data_span_s == pytest.approx(CFG.stable_window_s)
+
+
+def test_a_fresh_autoscaler_does_not_drop_running_replicas_on_its_first_reports() -> None:
+    # Six replicas already serve (a restart, a simulation that starts mid-traffic);
+    # the first two seconds of reports show load still building up (slow calls).
+    window = _fresh_window(2, 9.0)
+    c = ScalingContext.from_window(window, "m", serverless(), CFG, 1001.5, current_serverless=6,
+                                   current_dedicated=0)
+    d, state = decide(c, CFG, PolicyState())
+    assert d.valid and d.desired_serverless == 6 and "start-up" in d.reason
+    # Once a full stable window of data says 9 in flight, the pool follows it down.
+    window = _fresh_window(62, 9.0)
+    c = ScalingContext.from_window(window, "m", serverless(), CFG, 1061.5, current_serverless=6,
+                                   current_dedicated=0)
+    d, _ = decide(c, CFG, state)
+    assert d.desired_serverless == 2 and "start-up" not in d.reason
+
+
+def test_the_start_up_hold_never_blocks_scaling_up_or_the_bounds() -> None:
+    window = _fresh_window(2, 80.0)
+    c = ScalingContext.from_window(window, "m", serverless(), CFG, 1001.5, current_serverless=6,
+                                   current_dedicated=0)
+    assert decide(c, CFG)[0].desired_serverless == 10
+    capped = ScalingContext.from_window(window, "m", serverless(max_replicas=4), CFG, 1001.5,
+                                        current_serverless=6, current_dedicated=0)
+    assert decide(capped, CFG)[0].desired_serverless == 4            # a lowered max still applies
+
+
+def test_the_start_up_hold_needs_a_span_and_a_hand_made_context_has_none() -> None:
+    assert run(ctx(load=9.0, current=6)).desired_serverless == 2     # data_span_s None: no hold
+    held = replace(ctx(load=9.0, current=6), data_span_s=30.0)
+    assert run(held).desired_serverless == 6
+    assert run(replace(held, data_span_s=60.0)).desired_serverless == 2
+    # Idle long enough still goes to zero (held requests and idleness need no averages).
+    idle = replace(ctx(load=0.0, current=6, idle=400.0), data_span_s=1.0)
+    assert run(idle).desired_serverless == 0

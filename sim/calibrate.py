@@ -1,0 +1,127 @@
+"""Calibration: the simulator against a real ``loadtest.experiments`` run on this machine.
+
+    python -m sim.calibrate --write-config /tmp/exp-mesh.yaml          # 1. the experiment's mesh
+    cmesh profile --config /tmp/exp-mesh.yaml --out /tmp/here.yaml     # 2. profiles measured here
+    python -m loadtest.experiments --quick                             # 3. the real run
+    python -m sim.calibrate --experiment results/experiments/results.json --profiles /tmp/here.yaml
+
+Step 4 rebuilds each experiment run exactly as ``loadtest.experiments`` built it
+(``loadtest.experiment_plan.base_config`` and ``strategy_config`` on
+``compose/mesh.yaml``, static sized from the real per-model run's peaks; the
+scenario at the run's compression and rate scale; the mesh warmed first),
+simulates it with the profiles, and compares per strategy: replica-seconds
+within ±15 % and P95 within ±30 % of the real run. Prints a table and one
+JSON object last (``pass`` true when every strategy is within both bounds).
+
+CPU sharing: on this 2-core machine every replica, the router, the
+autoscaler and the load generator share the cores. The profiles' ``host``
+section models it (``sim.profiles``): ``cores`` (measured: the CPU count) less
+``overhead_cores`` for the non-replica processes; a batch that starts while the
+computing replicas want more than that runs slower in proportion.
+``--overhead-cores`` overrides the profile's value.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from cmesh.config import MeshConfig, parse_config
+from loadtest.common import REPO, emit
+from loadtest.experiment_plan import base_config, peak_counts
+from loadtest.scenario import load_scenario
+from sim.mesh import SimOptions, simulate
+from sim.profiles import Profiles, load_profiles
+from sim.workload import from_scenario
+
+SCENARIOS = REPO / "loadtest" / "scenarios"
+REPLICA_S_TOL = 0.15
+P95_TOL = 0.30
+
+
+def experiment_config(compress: float) -> MeshConfig:
+    demo = yaml.safe_load((REPO / "compose" / "mesh.yaml").read_text())
+    return parse_config(base_config(demo, str(REPO / ".cmesh" / "store"), "127.0.0.1:8500", compress),
+                        "experiment mesh")
+
+
+def compare(experiment: dict, profiles: Profiles, *, seed: int = 0, log=None) -> dict:
+    """Per scenario and strategy: real vs simulated replica-seconds and P95."""
+    meta = experiment["meta"]
+    compress, rscale = float(meta["compress"]), float(meta["rate_scale"])
+    config = experiment_config(compress)
+    rows = []
+    for scenario, runs in experiment["outcomes"].items():
+        sc = load_scenario(SCENARIOS / f"{scenario}.yaml")
+        workload = from_scenario(sc, compress=sc.compress * compress, rate_scale=rscale)
+        static = None
+        if "permodel" in runs:
+            static = peak_counts(runs["permodel"].get("max_ready", {}), list(config.models))
+        for strategy, real in runs.items():
+            opts = SimOptions(strategy=strategy, seed=seed, static_counts=static if strategy == "static" else None)
+            r = simulate(config, profiles, workload, opts)
+            sim_p95 = r.totals["p95_ms"]
+            row = {"scenario": scenario, "strategy": strategy,
+                   "real_replica_s": real["replica_s"], "sim_replica_s": r.totals["replica_s"],
+                   "real_p95_ms": real["p95_ms"], "sim_p95_ms": sim_p95,
+                   "real_drops": real.get("drops"), "sim_drops": r.totals["drops"],
+                   "sim_peak": {m: d["peak_replicas"] for m, d in r.by_model.items()},
+                   "real_peak": real.get("max_ready", {})}
+            row["replica_s_error"] = _err(row["sim_replica_s"], row["real_replica_s"])
+            row["p95_error"] = _err(sim_p95, row["real_p95_ms"])
+            row["within"] = (row["replica_s_error"] is not None and abs(row["replica_s_error"]) <= REPLICA_S_TOL
+                             and row["p95_error"] is not None and abs(row["p95_error"]) <= P95_TOL)
+            rows.append(row)
+            if log:
+                log(f"{scenario}/{strategy}: replica-s real {row['real_replica_s']} sim {row['sim_replica_s']} "
+                    f"({_pct(row['replica_s_error'])}), P95 real {row['real_p95_ms']} sim {sim_p95} "
+                    f"({_pct(row['p95_error'])}) {'OK' if row['within'] else 'OUT'}")
+    return {"rows": rows, "pass": bool(rows) and all(r["within"] for r in rows),
+            "tolerance": {"replica_s": REPLICA_S_TOL, "p95": P95_TOL}}
+
+
+def _err(sim: float | None, real: float | None) -> float | None:
+    if sim is None or not real:
+        return None
+    return round((sim - real) / real, 4)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v * 100:+.1f}%"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sim.calibrate", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--experiment", help="results.json of python -m loadtest.experiments")
+    p.add_argument("--profiles", help="profiles measured here (cmesh profile)")
+    p.add_argument("--overhead-cores", type=float, default=None, help="override host.overhead_cores")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write-config", metavar="PATH", help="write the experiment's mesh.yaml (for cmesh profile)")
+    p.add_argument("--compress", type=float, default=3.0, help="with --write-config (default 3, as --quick)")
+    args = p.parse_args(argv)
+    if args.write_config:
+        demo = yaml.safe_load((REPO / "compose" / "mesh.yaml").read_text())
+        Path(args.write_config).write_text(yaml.safe_dump(
+            base_config(demo, str(REPO / ".cmesh" / "store"), "127.0.0.1:8500", args.compress)))
+        print(f"wrote {args.write_config}")
+        if not args.experiment:
+            return 0
+    if not (args.experiment and args.profiles):
+        p.error("--experiment and --profiles are both needed")
+    profiles = load_profiles(args.profiles)
+    if args.overhead_cores is not None:
+        profiles.host.overhead_cores = args.overhead_cores
+    result = compare(json.loads(Path(args.experiment).read_text()), profiles, seed=args.seed,
+                     log=lambda line: print(line, flush=True))
+    emit({"pass": result["pass"], "rows": [{k: r[k] for k in ("scenario", "strategy", "real_replica_s",
+                                                              "sim_replica_s", "replica_s_error", "real_p95_ms",
+                                                              "sim_p95_ms", "p95_error", "within")}
+                                           for r in result["rows"]]})
+    return 0 if result["pass"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

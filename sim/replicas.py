@@ -1,0 +1,305 @@
+"""Simulated replicas and the provider the production controller drives.
+
+``SimProvider`` implements ``autoscaler.providers.base.Provider``: the real
+``Controller`` asks it to ``scale`` and reads ``replicas()``; replicas go
+warming → ready after a cold start drawn from the model's profile, and
+draining → gone once their in-flight work is done (drain order as the local
+provider's: still-warming ones first, then the newest ready). Change callbacks
+are delivered by ``flush()``, which the simulation calls from inside the
+controller's event loop (the controller publishes its table from there).
+
+``SimReplica`` serves what the router sends it (the router-replica network
+time is paid on the way back, once per finished batch: ``SimReplica.submit``): ``dynamic`` batching runs one
+batch at a time (what waits, up to the largest batch, after the queue delay);
+``continuous`` batching lets each request join the running batch at once (up
+to the largest batch) and take the curve's latency at the size it joined. With
+``host.cores`` set, batches that start while the host is oversubscribed run
+slower by the ratio of cores wanted to cores there (CPU sharing on a small
+machine; ``sim.profiles``).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from autoscaler.providers.base import ReplicaHandle
+from sim.events import EventLoop
+from sim.profiles import HostProfile, ModelProfile, Profiles
+
+
+class Host:
+    """CPU cores shared by every replica (None: each replica has its own)."""
+
+    __slots__ = ("available", "busy")
+
+    def __init__(self, profile: HostProfile) -> None:
+        self.available = None if profile.cores is None else profile.cores - profile.overhead_cores
+        self.busy = 0.0
+
+    def slowdown(self, cores: float) -> float:
+        if self.available is None:
+            return 1.0
+        return max(1.0, (self.busy + cores) / self.available)
+
+
+class SimReplica:
+    __slots__ = ("id", "model", "pool", "handle", "profile", "curve", "loop", "host", "on_done", "state",
+                 "in_flight", "version", "queue", "running", "pending_start", "views", "served",
+                 "cores", "max_batch", "delay_s", "continuous", "net_s", "push", "ms")
+
+    def __init__(self, rid: str, model: str, pool: str, handle: ReplicaHandle, profile: ModelProfile,
+                 loop: EventLoop, host: Host, on_done: Callable, net_s: float = 0.0) -> None:
+        self.id, self.model, self.pool, self.handle = rid, model, pool, handle
+        self.profile = profile
+        self.curve = profile.curve()
+        self.loop, self.host, self.on_done = loop, host, on_done
+        self.push = loop.push
+        self.net_s = net_s          # router <-> replica, paid on the way back (see submit)
+        self.state = "warming"
+        self.in_flight = 0          # the router's count: sent and not answered
+        self.version = 0            # bumps with in_flight (the router's index)
+        self.queue: deque = deque()
+        self.running = 0
+        self.pending_start = False
+        self.views: dict = {}       # in_flight -> the router's cached view and choice
+        self.served = 0
+        self.ms = None              # the router's per-model state
+        self.cores = profile.cpu_cores
+        self.max_batch = profile.max_batch_size
+        self.delay_s = profile.max_queue_delay_ms / 1000.0
+        self.continuous = profile.batching == "continuous"
+
+    # -- work ------------------------------------------------------------------------
+
+    def submit(self, call) -> None:
+        """A call from the router, now. The network time (``net_s``) is added on
+        the way back, once per finished batch: a constant delay before a replica
+        or after it gives every call the same answer time (the replica's
+        behaviour does not depend on when its timeline starts), and the router's
+        in-flight count spans it either way; only CPU sharing (``host.cores``)
+        sees its busy periods ``net_s`` earlier."""
+        if self.continuous:
+            if self.running < self.max_batch:
+                self._start_one(call)
+            else:
+                self.queue.append(call)
+            return
+        q = self.queue
+        q.append(call)
+        if not self.running and not self.pending_start:
+            if self.delay_s > 0 and len(q) < self.max_batch:
+                self.pending_start = True
+                self.push(self.loop.now + self.delay_s, self._start_batch, ())
+            else:
+                self._start_batch()
+
+    def _start_batch(self) -> None:
+        self.pending_start = False
+        if self.running or not self.queue:
+            return
+        q = self.queue
+        n = min(len(q), self.max_batch)
+        if n == len(q):
+            batch = list(q)
+            q.clear()
+        else:
+            batch = [q.popleft() for _ in range(n)]
+        host = self.host
+        dur = self.curve(n)
+        if host.available is not None:
+            dur *= host.slowdown(self.cores)
+        host.busy += self.cores
+        self.running = 1
+        self.push(self.loop.now + dur, self._batch_done, (batch,))
+
+    def _batch_done(self, batch: list) -> None:
+        self.running = 0
+        self.host.busy -= self.cores
+        self.served += len(batch)
+        if self.net_s > 0:
+            self.push(self.loop.now + self.net_s, self.on_done, (batch, self))
+        else:
+            self.on_done(batch, self)
+        if self.queue and not self.pending_start and not self.running:
+            if self.delay_s > 0 and len(self.queue) < self.max_batch:
+                self.pending_start = True
+                self.push(self.loop.now + self.delay_s, self._start_batch, ())
+            else:
+                self._start_batch()
+
+    def _start_one(self, call) -> None:
+        host = self.host
+        if self.running == 0:
+            slow = host.slowdown(self.cores)
+            host.busy += self.cores
+        else:
+            slow = host.slowdown(0.0) if host.available is not None else 1.0
+        self.running += 1
+        dur = self.curve(self.running) * slow
+        self.push(self.loop.now + dur + self.net_s, self._one_done, (call,))
+
+    def _one_done(self, call) -> None:
+        # Continuous batching: the answer's network time is in the event's time
+        # (one event per call); its slot frees ``net_s`` late, a few ms in seconds.
+        self.running -= 1
+        if self.running == 0:
+            self.host.busy -= self.cores
+        self.served += 1
+        self.on_done((call,), self)
+        if self.queue and self.running < self.max_batch:
+            self._start_one(self.queue.popleft())
+
+
+class SimProvider:
+    """The controller's provider over simulated replicas (``Provider`` protocol)."""
+
+    def __init__(self, loop: EventLoop, profiles: Profiles, rng: np.random.Generator, *,
+                 on_ready: Callable[[SimReplica], None], on_drain: Callable[[SimReplica], None],
+                 on_done: Callable) -> None:
+        self.loop = loop
+        self.profiles = profiles
+        self.rng = rng
+        self.host = Host(profiles.host)
+        self._on_ready, self._on_drain, self._on_done = on_ready, on_drain, on_done
+        self._replicas: dict[str, SimReplica] = {}
+        self._handles: list[ReplicaHandle] | None = None
+        self._callbacks: list[Callable[[], None]] = []
+        self._dirty = False
+        self._seq = 0
+        # Accounting: ready (and live: warming + ready + draining) replicas per model, integrated.
+        self.ready_count: dict[str, int] = {}
+        self.live_count: dict[str, int] = {}
+        self.ready_s: dict[str, float] = {}
+        self.live_s: dict[str, float] = {}
+        self._since: dict[str, float] = {}
+        self.peak_ready: dict[str, int] = {}
+        self.cold_starts: dict[str, list[float]] = {}
+        self._modes: dict[str, str] = {}
+
+    def set_modes(self, modes: dict[str, str]) -> None:
+        self._modes = dict(modes)
+
+    # -- Provider -------------------------------------------------------------------
+
+    def replicas(self) -> list[ReplicaHandle]:
+        if self._handles is None:
+            self._handles = [r.handle for r in self._replicas.values()]
+        return list(self._handles)
+
+    async def scale(self, model: str, pool: str, desired: int, devices: list[str]) -> None:
+        live = [r for r in self._replicas.values()
+                if r.model == model and r.pool == pool and r.state in ("cold", "warming", "ready")]
+        if desired > len(live):
+            for i in range(desired - len(live)):
+                self._spawn(model, pool, devices[i] if i < len(devices) else "")
+        elif desired < len(live):
+            order = sorted(live, key=lambda r: (r.state == "ready", r.handle.started_at, r.id))
+            for r in order[:len(live) - desired]:
+                self.drain(r)
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    async def close(self) -> None:
+        for r in list(self._replicas.values()):
+            self.drain(r)
+
+    # -- the simulation's side --------------------------------------------------------
+
+    def flush(self) -> None:
+        """Deliver change callbacks (call from inside the controller's event loop)."""
+        if self._dirty:
+            self._dirty = False
+            for cb in self._callbacks:
+                cb()
+
+    def provisioned(self) -> dict[str, int]:
+        """Replicas starting or ready, per model (what the controller holds; not draining)."""
+        out: dict[str, int] = {}
+        for r in self._replicas.values():
+            if r.state in ("warming", "ready"):
+                out[r.model] = out.get(r.model, 0) + 1
+        return out
+
+    def get(self, rid: str) -> SimReplica | None:
+        return self._replicas.get(rid)
+
+    def finish(self, until: float) -> None:
+        for model in list(self._since):
+            self._account(model, until)
+
+    def prestart(self, model: str, n: int, pool: str | None = None) -> None:
+        """``n`` replicas ready now (a mesh that was already serving)."""
+        if pool is None:
+            pool = "dedicated" if self.controller_mode(model) == "dedicated" else "serverless"
+        for _ in range(n):
+            self._spawn(model, pool, "", cold_s=0.0)
+
+    def controller_mode(self, model: str) -> str:
+        return self._modes.get(model, "serverless")
+
+    def _spawn(self, model: str, pool: str, device: str, cold_s: float | None = None) -> None:
+        profile = self.profiles.for_model(model)
+        self._seq += 1
+        rid = f"{model}-{pool[0]}{self._seq}"
+        now = self.loop.now
+        handle = ReplicaHandle(id=rid, model=model, pool=pool, device=device, state="warming",
+                               address=f"sim:{self._seq}", started_at=now)
+        r = SimReplica(rid, model, pool, handle, profile, self.loop, self.host, self._on_done,
+                       self.profiles.host.network_ms / 1000.0)
+        self._replicas[rid] = r
+        self._changed(model, live=+1)
+        cold = profile.cold_start_s if cold_s is None else cold_s
+        if cold_s is None and cold > 0 and profile.cold_start_sigma > 0:
+            cold = float(self.rng.lognormal(math.log(cold), profile.cold_start_sigma))
+        if cold_s == 0.0:
+            self._ready(r, 0.0)
+        else:
+            self.loop.after(cold, self._ready, r, cold)
+
+    def _ready(self, r: SimReplica, cold: float) -> None:
+        if r.state != "warming":
+            return                                  # drained while it was starting
+        r.state = r.handle.state = "ready"
+        r.handle.cold_start_s = cold
+        self.cold_starts.setdefault(r.model, []).append(cold)
+        self._changed(r.model, ready=+1)
+        self._on_ready(r)
+
+    def drain(self, r: SimReplica) -> None:
+        if r.state in ("draining", "gone"):
+            return
+        was_ready = r.state == "ready"
+        r.state = r.handle.state = "draining"
+        self._changed(r.model, ready=-1 if was_ready else 0)
+        if was_ready:
+            self._on_drain(r)
+        self.maybe_gone(r)
+
+    def maybe_gone(self, r: SimReplica) -> None:
+        if r.state == "draining" and r.in_flight == 0:
+            r.state = r.handle.state = "gone"
+            del self._replicas[r.id]
+            self._changed(r.model, live=-1)
+
+    def _changed(self, model: str, ready: int = 0, live: int = 0) -> None:
+        self._account(model, self.loop.now)
+        if ready:
+            n = self.ready_count[model] = self.ready_count.get(model, 0) + ready
+            if n > self.peak_ready.get(model, 0):
+                self.peak_ready[model] = n
+        if live:
+            self.live_count[model] = self.live_count.get(model, 0) + live
+        self._handles = None
+        self._dirty = True
+
+    def _account(self, model: str, now: float) -> None:
+        since = self._since.get(model, now)
+        dt = now - since
+        if dt > 0:
+            self.ready_s[model] = self.ready_s.get(model, 0.0) + dt * self.ready_count.get(model, 0)
+            self.live_s[model] = self.live_s.get(model, 0.0) + dt * self.live_count.get(model, 0)
+        self._since[model] = now
