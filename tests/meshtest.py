@@ -147,3 +147,20 @@ async def running_router(config: MeshConfig, **kw: Any):
         yield server
     finally:
         await server.stop(grace=1.0)
+
+
+class IdleProvider:
+    """An autoscaler provider with no replicas that starts none: for a Controller
+    whose RPCs are tested, not its scaling."""
+
+    def replicas(self):
+        return []
+
+    async def scale(self, model, pool, desired, devices):
+        return None
+
+    def subscribe(self, callback):
+        return None
+
+    async def close(self):
+        return None

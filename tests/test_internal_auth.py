@@ -21,7 +21,7 @@ from cmesh.errors import component_error_of
 from cmesh.internal_auth import HEADER, MeshCredentials, open_internal_channel, server_interceptors, token_from_env
 from cmesh.serving import grpc_server
 from cmesh.validation import ConfigError
-from meshtest import REPO, mesh_config, running_router, running_server, sleep_model, write_config
+from meshtest import IdleProvider, REPO, mesh_config, running_router, running_server, sleep_model, write_config
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from protos import mesh_pb2, mesh_pb2_grpc
@@ -186,23 +186,11 @@ async def test_the_router_sends_the_token_to_replicas(tmp_path, data_path) -> No
 
 # ---------------------------------------------------------------- autoscaler
 
-class StillProvider:
-    def replicas(self):
-        return []
-
-    async def scale(self, model, pool, desired, devices):
-        return None
-
-    def subscribe(self, callback):
-        return None
-
-    async def close(self):
-        return None
 
 
 @asynccontextmanager
 async def autoscaler_service(config, token):
-    controller = Controller(config, StillProvider())
+    controller = Controller(config, IdleProvider())
     server = grpc_server(config, server_interceptors(config, token, service="autoscaler"))
     mesh_pb2_grpc.add_AutoscalerServicer_to_server(AutoscalerServicer(controller), server)
     port = server.add_insecure_port("127.0.0.1:0")

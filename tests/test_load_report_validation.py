@@ -11,7 +11,7 @@ from autoscaler.reports import MAX_COUNT, validate_report
 from autoscaler.service import AutoscalerServicer
 from cmesh.errors import InvalidInput, component_error_of
 from cmesh.serving import grpc_server
-from meshtest import mesh_config, sleep_model
+from meshtest import IdleProvider, mesh_config, sleep_model
 from protos import mesh_pb2, mesh_pb2_grpc
 
 MODELS = {"embedder", "intent"}
@@ -60,24 +60,12 @@ def test_held_duplicates_and_the_envelope_are_checked_too() -> None:
     validate_report(mesh_pb2.LoadReport(), MODELS)
 
 
-class NoReplicas:
-    def replicas(self):
-        return []
-
-    async def scale(self, model, pool, desired, devices):
-        return None
-
-    def subscribe(self, callback):
-        return None
-
-    async def close(self):
-        return None
 
 
 @pytest.fixture()
 async def autoscaler(tmp_path):
     config = mesh_config(tmp_path, {"embedder": {"source": sleep_model(tmp_path, "embedder")}})
-    controller = Controller(config, NoReplicas())
+    controller = Controller(config, IdleProvider())
     server = grpc_server(config)
     mesh_pb2_grpc.add_AutoscalerServicer_to_server(AutoscalerServicer(controller), server)
     port = server.add_insecure_port("127.0.0.1:0")

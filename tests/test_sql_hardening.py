@@ -14,15 +14,11 @@ import grpc
 import numpy as np
 import pytest
 
-from cmesh.bootstrap import _build_atomically, sql_orders
-from cmesh.bootstrap.base import BuildContext
 from cmesh.client import AsyncClient
 from cmesh.errors import DeadlineExceeded, InvalidInput
-from cmesh.store import ModelStore
 from meshtest import mesh_config, running_server
-from model_server.engines.base import EngineContext, InferItem
+from model_server.engines.base import InferItem
 from model_server.engines.sql_limits import Limits, json_too_deep, printf_size
-from model_server.engines.sql_sqlite import SQLiteEngine
 
 BY_ID = "SELECT order_id FROM orders WHERE order_id = :id"
 # Counts to 10^9: minutes of work, so only the deadline can end it.
@@ -33,31 +29,8 @@ HUGE_PRINTF = "SELECT length(printf('%.*c',1000000000,'x'))"
 DEEP_PARAMS = "[" * 100000 + "]" * 100000
 
 
-@pytest.fixture(scope="module")
-def sql_store(tmp_path_factory):
-    store = tmp_path_factory.mktemp("sql-hardening-store")
-    ctx = BuildContext(store=store, progress=lambda line: None)
-    for artifact in sql_orders.ARTIFACTS:
-        _build_atomically(store, artifact, ctx)
-    return store
-
-
-def make_engine(store, **overrides) -> SQLiteEngine:
-    version = ModelStore(str(store)).open("store://sql-executor/1")
-    m = version.manifest
-    engine = SQLiteEngine(EngineContext(
-        model="sql-executor", variant="default", model_dir=version.local_dir, manifest=m,
-        max_batch_size=m.batching.max_batch_size, options={**m.options, **overrides}))
-    engine.load()
-    engine.warmup()
-    return engine
-
-
-@pytest.fixture(scope="module")
-def engine(sql_store):
-    e = make_engine(sql_store)
-    yield e
-    e.unload()
+# The store, engine factory and engine fixture of the engine's own tests.
+from test_sql_engine import engine, make_engine, sql_store  # noqa: E402,F401
 
 
 def request(engine, *queries, params=None) -> InferItem:
