@@ -115,7 +115,9 @@ class Controller:
             current_serverless=self._count(model, "serverless"),
             current_dedicated=self._count(model, "dedicated"), scheduled_min=scheduled_min,
             touched_at=self._warmed_at.get(model),
-            ahead_concurrency=(ahead or {}).get(model))
+            ahead_concurrency=(ahead or {}).get(model),
+            ready_serverless=sum(1 for r in self.provider.replicas()
+                                 if r.model == model and r.pool == "serverless" and r.state == "ready"))
 
     def _ahead(self, now: float) -> dict[str, float] | None:
         """Graph-ahead predictions (``autoscaler.graph_ahead``), or None when off."""

@@ -20,8 +20,13 @@ The steps, each a small function, in order:
    threshold capacity spills to serverless);
 5. panic — the short window wanting ``panic_threshold`` x the current pool
    starts (or extends) panic; in panic the pool never shrinks;
-6. rate limit — at most ``max_scale_up_rate`` x the current pool (from zero:
-   as if the pool were 1, so a burst from zero can start several at once);
+6. rate limit — at most ``max_scale_up_rate`` x the pool's *ready* replicas
+   (as Knative's ``maxScaleUpRate``; from zero: as if one were ready, so a burst
+   from zero can start several at once), never below the current pool. Counting
+   starting replicas too would compound: while they start, the backlog they are
+   meant to serve grows, every tick wants more, and ten-fold per tick on what is
+   already starting reached 690 LLM replicas for a spike that needs 60
+   (``loadtest.sim_paper``, spike10x with 150 s cold starts);
 7. scale-down delay — the max of this decision and those of the last
    ``scale_down_delay_s`` (a dip must last that long before it removes replicas);
    start-up hold — no scale-down while the window holds less than a full
@@ -29,7 +34,9 @@ The steps, each a small function, in order:
    starts, so a fresh autoscaler facing replicas that already serve would
    otherwise judge them on a second or two of reports, in which the load of a
    slow model (an LLM's seconds-long calls) has not built up yet, and drop
-   replicas that cost a cold start to get back;
+   replicas that cost a cold start to get back; step-down — with
+   ``max_scale_down_rate``, a scale-down goes at most to current / rate and
+   one step per stable window (each step judged on a window at the new size);
 8. bounds — ``[max(min_replicas, scheduled minimum), max_replicas]``;
 9. floors — a serverless model with traffic keeps one replica until it has been
    idle for ``idle_timeout_s``; held requests always get at least one; a model
@@ -96,13 +103,17 @@ class ScalingContext:
     # less than ``stable_window_s``: too little data to scale down on. None: unknown
     # (a hand-made context), which does not hold anything.
     data_span_s: float | None = None
+    # Serverless replicas ready now (``current_serverless`` less those starting);
+    # None: unknown (a hand-made context): the rate limit then counts them all.
+    ready_serverless: int | None = None
 
     @classmethod
     def from_window(cls, window: "MetricsWindow", model: str, spec: DeploymentConfig,
                     config: AutoscalerConfig, now: float, *, current_serverless: int,
                     current_dedicated: int, scheduled_min: int = 0,
                     touched_at: float | None = None,
-                    ahead_concurrency: float | None = None) -> "ScalingContext":
+                    ahead_concurrency: float | None = None,
+                    ready_serverless: int | None = None) -> "ScalingContext":
         """Snapshot a model from the metrics window: the one way a context is
         built (controller, tests, simulator). ``touched_at`` is the last time
         something other than traffic made the model busy (a pre-warm, a Warm
@@ -122,7 +133,8 @@ class ScalingContext:
             scheduled_min=scheduled_min, now=now,
             warmed_s=None if touched_at is None else max(0.0, now - touched_at),
             ahead_concurrency=ahead_concurrency,
-            data_span_s=window.span(model, now, config.stable_window_s))
+            data_span_s=window.span(model, now, config.stable_window_s),
+            ready_serverless=ready_serverless)
 
 
 @dataclass(frozen=True)
@@ -135,6 +147,7 @@ class PolicyState:
     # head is the max over the scale-down delay window, and the queue stays
     # short however long the delay is.
     recent: tuple[tuple[float, int], ...] = field(default_factory=tuple)
+    last_down: float | None = None       # the last scale-down step (max_scale_down_rate)
 
     def in_panic(self, now: float) -> bool:
         return self.panic_until is not None and now < self.panic_until
@@ -206,11 +219,14 @@ def decide(ctx: ScalingContext, config: AutoscalerConfig,
     want_panic = _replicas(panic_load, spec.target_concurrency)
 
     desired, state, reason = _panic_step(ctx, config, state, want_stable, want_panic, stable_load, panic_load)
-    desired, note = _rate_limit(desired, current, config.max_scale_up_rate)
+    ready = current if ctx.ready_serverless is None else min(current, ctx.ready_serverless)
+    desired, note = _rate_limit(desired, current, ready, config.max_scale_up_rate)
     reason += note
     desired, state, note = _delay_step(desired, ctx.now, config.scale_down_delay_s, state)
     reason += note
     desired, note = _startup_hold(desired, ctx, config.stable_window_s)
+    reason += note
+    desired, state, note = _step_down(desired, ctx, config, state)
     reason += note
     bounded = _clamp(desired, lo, hi)
     if bounded > desired:
@@ -291,8 +307,8 @@ def _panic_step(ctx: ScalingContext, config: AutoscalerConfig, state: PolicyStat
     return want_stable, state, f"stable: {stable_load:.1f} {what} / {target} per replica → {want_stable}"
 
 
-def _rate_limit(desired: int, current: int, rate: float) -> tuple[int, str]:
-    limit = math.ceil(rate * max(1, current) - _EPS)
+def _rate_limit(desired: int, current: int, ready: int, rate: float) -> tuple[int, str]:
+    limit = max(current, math.ceil(rate * max(1, ready) - _EPS))
     if desired > limit:
         return limit, f" (scale-up limit {limit})"
     return desired, ""
@@ -319,6 +335,25 @@ def _startup_hold(desired: int, ctx: ScalingContext, window_s: float) -> tuple[i
         return desired, ""
     return ctx.current_serverless, (f" (start-up: {span:.0f}s of {window_s:g}s of data, "
                                     f"keeps {ctx.current_serverless})")
+
+
+def _step_down(desired: int, ctx: ScalingContext, config: AutoscalerConfig,
+               state: PolicyState) -> tuple[int, PolicyState, str]:
+    """``max_scale_down_rate``: shrink by at most that factor, one step per stable
+    window. A model whose latency grows with its batch (an LLM) shows less
+    concurrency on a large pool than it will on a small one, so one jump to
+    what a large pool measured undershoots; each step is judged on a full
+    window of data at the new size."""
+    rate, current = config.max_scale_down_rate, ctx.current_serverless
+    if rate is None or desired >= current:
+        return desired, state, ""
+    if state.last_down is not None and ctx.now - state.last_down < config.stable_window_s - _EPS:
+        return current, state, f" (step-down: next step {config.stable_window_s - (ctx.now - state.last_down):.0f}s)"
+    floor = math.ceil(current / rate - _EPS)
+    state = replace(state, last_down=ctx.now)
+    if floor > desired:
+        return floor, state, f" (step-down to {floor})"
+    return desired, state, ""
 
 
 def _bounds(ctx: ScalingContext) -> tuple[int, int, str]:

@@ -346,6 +346,10 @@ class AutoscalerConfig(Strict):
     panic_threshold: float = Field(2.0, gt=1, description="panic when the short window wants this x current")
     max_scale_up_rate: float = Field(10.0, gt=1, description="at most this x current replicas per decision")
     scale_down_delay_s: float = Field(0.0, ge=0, description="keep the max of decisions over this long")
+    max_scale_down_rate: float | None = Field(
+        None, gt=1, description="step-wise scale-down: at most to current / this per step, and one step per "
+                                "stable window (each step judged on a full window at the new size); "
+                                "None: straight to what the load wants")
     stale_after_s: float = Field(5.0, gt=0, description="no decision when the newest metrics are older")
     schedule_lead_s: float = Field(120.0, ge=0, description="raise scheduled minimums this early")
     strategy: Literal["per-model", "uniform"] = Field(

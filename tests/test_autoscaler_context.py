@@ -45,7 +45,7 @@ def test_the_controller_context_is_from_window() -> None:
     ctl._warmed_at["m"] = 0.0
     expected = ScalingContext.from_window(ctl.window, "m", config.models["m"].deployment, config.autoscaler,
                                           3.0, current_serverless=0, current_dedicated=0, scheduled_min=2,
-                                          touched_at=0.0)
+                                          touched_at=0.0, ready_serverless=0)
     assert ctl._context("m", 3.0, 2) == expected
     assert expected.idle_s == pytest.approx(3.0) and expected.warmed_s == pytest.approx(3.0)
 

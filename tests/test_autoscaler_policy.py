@@ -193,6 +193,38 @@ def test_scale_up_is_rate_limited() -> None:
     assert run(ctx(load=400.0, current=0), config=slow).desired_serverless == 2   # at least +1
 
 
+def test_the_rate_limit_counts_ready_replicas_not_starting_ones() -> None:
+    big = serverless(max_replicas=500)
+    # 2 ready and 18 starting: a backlog that grows while they start must not
+    # compound the limit (10 x 20 next tick, 10 x 200 the one after).
+    starting = replace(ctx(big, load=4000.0, current=20), ready_serverless=2)
+    d = run(starting)
+    assert d.desired_serverless == 20 and "scale-up limit 20" in d.reason
+    # Never below what is already there, however few are ready.
+    assert run(replace(ctx(big, load=4000.0, current=50), ready_serverless=2)).desired_serverless == 50
+    # Once they are ready the next step may go ten-fold again.
+    assert run(replace(ctx(big, load=4000.0, current=20), ready_serverless=20)).desired_serverless == 200
+    # From zero ready (all still starting): as if one were ready.
+    assert run(replace(ctx(big, load=4000.0, current=0), ready_serverless=0)).desired_serverless == 10
+
+
+def test_the_controller_passes_the_ready_count() -> None:
+    import asyncio
+
+    from autoscaler.controller import Controller
+    from cmesh.config import MeshConfig
+    from tests.test_autoscaler_controller import FakeProvider
+
+    config = MeshConfig.model_validate({"store": "/nonexistent", "models": {
+        "m": {"source": "store://x/1", "engine": "identity", "deployment": {"mode": "serverless"}}}})
+    provider = FakeProvider()
+    ctl = Controller(config, provider, clock=lambda: 0.0, wall=lambda: 1.7e9)
+    asyncio.run(provider.scale("m", "serverless", 3, []))
+    provider.handles[0].state = "warming"
+    c = ctl._context("m", 1.0, 0)
+    assert c.current_serverless == 3 and c.ready_serverless == 2
+
+
 # ------------------------------------------------------- scale-down delay
 
 
@@ -393,3 +425,29 @@ def test_the_start_up_hold_needs_a_span_and_a_hand_made_context_has_none() -> No
     # Idle long enough still goes to zero (held requests and idleness need no averages).
     idle = replace(ctx(load=0.0, current=6, idle=400.0), data_span_s=1.0)
     assert run(idle).desired_serverless == 0
+
+
+# ---------------------------------------------------- step-wise scale-down
+
+
+def test_step_down_halves_at_most_once_per_stable_window() -> None:
+    cfg = AutoscalerConfig(max_scale_down_rate=2.0)
+    state = PolicyState()
+    d, state = decide(ctx(load=16.0, current=40, now=0.0), cfg, state)       # wants 2
+    assert d.desired_serverless == 20 and "step-down to 20" in d.reason
+    d, state = decide(ctx(load=16.0, current=20, now=30.0), cfg, state)      # too soon for the next step
+    assert d.desired_serverless == 20 and "next step" in d.reason
+    d, state = decide(ctx(load=16.0, current=20, now=60.0), cfg, state)
+    assert d.desired_serverless == 10
+    d, state = decide(ctx(load=72.0, current=10, now=120.0), cfg, state)     # wants 9: within the step
+    assert d.desired_serverless == 9
+
+
+def test_step_down_never_slows_scaling_up_or_idling_to_zero() -> None:
+    cfg = AutoscalerConfig(max_scale_down_rate=2.0)
+    _, state = decide(ctx(load=16.0, current=40, now=0.0), cfg, PolicyState())
+    assert decide(ctx(serverless(max_replicas=50), load=200.0, current=20, now=1.0), cfg,
+                  state)[0].desired_serverless == 25
+    assert decide(ctx(load=0.0, current=20, idle=400.0, now=2.0), cfg, state)[0].desired_serverless == 0
+    # Off by default: straight to what the load wants.
+    assert run(ctx(load=16.0, current=40)).desired_serverless == 2
