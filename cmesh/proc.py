@@ -46,6 +46,17 @@ def spawn_service(module_args: list[str], *, env: dict | None = None, stderr=Non
     raise RuntimeError(f"{' '.join(module_args[:2])} exited (code {proc.returncode}) before it was ready")
 
 
+def settle_heap() -> None:
+    """Once a service is up: what start-up loaded (modules, config, models) never
+    becomes garbage, so move it out of the collector's sight (``gc.freeze``, which
+    costs nothing; no collection first, so the cold start does not grow). Full
+    collections then scan only what requests allocate: over everything, one paused
+    the event loop for about 100 ms."""
+    import gc
+
+    gc.freeze()
+
+
 def run_service(main, log_level: str, *, fatal: tuple[type[BaseException], ...] = (), what: str = "") -> int:
     """A service's entry point: logging at ``log_level``, then ``main()`` (a coroutine
     function returning the exit code) on uvloop. An invalid config exits 2 with its

@@ -35,6 +35,7 @@ DTYPES: dict[str, tuple[Any, str | None]] = {
     "BYTES": (np.object_, "bytes_contents"),
 }
 _NP_TO_OIP = {np.dtype(t): name for name, (t, _) in DTYPES.items() if name != "BYTES"}
+_ITEMSIZE = {name: np.dtype(t).itemsize for name, (t, _) in DTYPES.items() if name != "BYTES"}
 
 
 def oip_dtype(array: np.ndarray) -> str:
@@ -82,38 +83,42 @@ def serialize_bytes(array: np.ndarray) -> bytes:
 def check_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None,
                  limits: InputLimits = DEFAULT_LIMITS) -> int:
     """Validate one tensor's declaration against the data present; returns its
-    element count. Nothing is allocated: BYTES data is only sized here."""
-    name = tensor.name
-    if tensor.datatype not in DTYPES:
-        raise InvalidInput(name, f"unsupported datatype {quote(tensor.datatype)}")
-    dtype, field = DTYPES[tensor.datatype]
-    count = check_shape(name, tensor.shape, limits)
-    if tensor.datatype == "BYTES" and count > limits.max_text_elements:
-        raise InvalidInput(name, f"{count} BYTES elements exceed the limit of {limits.max_text_elements}")
+    element count. Nothing is allocated: BYTES data is only sized here. (On the
+    router's hot path: ``shape[:]`` because iterating a protobuf container is slow.)"""
+    datatype = tensor.datatype
+    if datatype not in DTYPES:
+        raise InvalidInput(tensor.name, f"unsupported datatype {quote(datatype)}")
+    shape = tensor.shape[:]
+    count = check_shape(tensor.name, shape, limits)
+    if datatype == "BYTES" and count > limits.max_text_elements:
+        raise InvalidInput(tensor.name, f"{count} BYTES elements exceed the limit of {limits.max_text_elements}")
     if raw is not None:
-        if tensor.datatype == "BYTES":
+        if datatype == "BYTES":
             if count * 4 > len(raw):
-                raise InvalidInput(name, f"BYTES data of {len(raw)} bytes cannot hold the {count} "
-                                         "elements its shape declares")
-        else:
-            itemsize = np.dtype(dtype).itemsize
-            if len(raw) != count * itemsize:
-                raise InvalidInput(name, f"shape {list(tensor.shape)} of {tensor.datatype} needs "
-                                         f"{count * itemsize} bytes, got {len(raw)}")
+                raise InvalidInput(tensor.name, f"BYTES data of {len(raw)} bytes cannot hold the {count} "
+                                                "elements its shape declares")
+        elif len(raw) != count * _ITEMSIZE[datatype]:
+            raise InvalidInput(tensor.name, f"shape {shape} of {datatype} needs {count * _ITEMSIZE[datatype]} "
+                                            f"bytes, got {len(raw)}")
         return count
+    field = DTYPES[datatype][1]
     if field is None:
-        raise InvalidInput(name, f"{tensor.datatype} data must be sent in raw_input_contents")
+        raise InvalidInput(tensor.name, f"{datatype} data must be sent in raw_input_contents")
     held = len(getattr(tensor.contents, field))
     if held != count:
-        raise InvalidInput(name, f"shape {list(tensor.shape)} needs {count} elements, contents hold {held}")
+        raise InvalidInput(tensor.name, f"shape {shape} needs {count} elements, contents hold {held}")
     return count
 
 
 def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None,
                   limits: InputLimits = DEFAULT_LIMITS) -> np.ndarray:
-    count = check_tensor(tensor, raw, limits)
+    return _decode(tensor, raw, check_tensor(tensor, raw, limits))
+
+
+def _decode(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, count: int) -> np.ndarray:
+    """A tensor ``check_tensor`` has validated (``count`` elements) as a numpy array."""
     dtype, field = DTYPES[tensor.datatype]
-    shape = tuple(tensor.shape)
+    shape = tensor.shape[:]
     if raw is not None:
         if tensor.datatype == "BYTES":
             flat = deserialize_bytes(tensor.name, raw, count)
@@ -133,31 +138,36 @@ def check_request(request: pb.ModelInferRequest, limits: InputLimits = DEFAULT_L
     in time proportional to the message; returns each input's element count. The
     router runs this before anything else touches the tensors; the model server
     runs it again through ``decode_inputs`` (it may be called directly)."""
-    raws = request.raw_input_contents
     inputs = request.inputs
-    if len(inputs) > limits.max_inputs:
-        raise InvalidInput("inputs", f"{len(inputs)} inputs exceed the limit of {limits.max_inputs}")
-    if raws and len(raws) != len(inputs):
-        raise InvalidInput("raw_input_contents", f"{len(raws)} raw buffers for {len(inputs)} inputs")
+    n = len(inputs)
+    if n > limits.max_inputs:
+        raise InvalidInput("inputs", f"{n} inputs exceed the limit of {limits.max_inputs}")
+    raws = request.raw_input_contents
+    n_raw = len(raws)
+    if n_raw and n_raw != n:
+        raise InvalidInput("raw_input_contents", f"{n_raw} raw buffers for {n} inputs")
     seen: set[str] = set()
     counts = []
-    for i, tensor in enumerate(inputs):
-        if not tensor.name:
+    for i in range(n):
+        tensor = inputs[i]
+        name = tensor.name
+        if not name:
             raise InvalidInput(f"inputs[{i}]", "input has no name")
-        if tensor.name in seen:
-            raise InvalidInput(tensor.name, "input given twice")
-        seen.add(tensor.name)
-        if raws and tensor.HasField("contents"):
-            raise InvalidInput(tensor.name, "both contents and raw_input_contents given")
-        counts.append(check_tensor(tensor, raws[i] if raws else None, limits))
+        if name in seen:
+            raise InvalidInput(name, "input given twice")
+        seen.add(name)
+        if n_raw and tensor.HasField("contents"):
+            raise InvalidInput(name, "both contents and raw_input_contents given")
+        counts.append(check_tensor(tensor, raws[i] if n_raw else None, limits))
     return counts
 
 
 def decode_inputs(request: pb.ModelInferRequest, limits: InputLimits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
-    check_request(request, limits)
+    counts = check_request(request, limits)
     raws = request.raw_input_contents
-    return {tensor.name: decode_tensor(tensor, raws[i] if raws else None, limits)
-            for i, tensor in enumerate(request.inputs)}
+    inputs = request.inputs
+    return {inputs[i].name: _decode(inputs[i], raws[i] if raws else None, count)
+            for i, count in enumerate(counts)}
 
 
 def param_value(p: pb.InferParameter) -> Any:

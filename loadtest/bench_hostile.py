@@ -109,7 +109,8 @@ def hostile_mix() -> list[tuple[str, str, object]]:
             ("parameter", "infer", _text("intent-classifier", b"hi", **{"cmesh-timeout-ms": -5})),
             ("echo", "infer", _text("n" * 100_000, b"hi")),
             ("text", "infer", _text("echo", b"x" * (15 * 2**20 + 900_000))),
-            ("text", "infer", _text("echo", b"mail jane@example.com, call +44 20 7946 0958. " * 19_000)),
+            # Legitimate but large: masked by the trust layer's workers, off the loop.
+            ("text", "infer", _text("echo", b"mail jane@example.com, call +44 20 7946 0958. " * 4_000)),
             ("internal", "infer", _tensor("sql-executor", "query", "BYTES", [1],
                                           struct.pack("<I", 22) + b"SELECT * FROM orders;")),
             ("sql", "run", mesh_pb2.RunRequest(pipeline="lookup", inputs={

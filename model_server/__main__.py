@@ -55,6 +55,9 @@ async def serve(args: argparse.Namespace) -> int:
     await server.start()
     # One machine-readable line tells a supervisor (the autoscaler's local provider)
     # where we listen and how long the cold start took.
+    from cmesh.proc import settle_heap
+
+    settle_heap()
     print(json.dumps({"event": "ready", "port": server.port, "metrics_port": server.metrics_port,
                       "cold_start_s": round(server.cold_start_s or 0.0, 4),
                       "models": {e.name: {v.name: round(v.load_seconds, 4) for v in e.variants.values()}

@@ -40,6 +40,9 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    from cmesh.proc import settle_heap
+
+    settle_heap()
     print(json.dumps({"event": "ready", "port": server.port, "metrics_port": server.metrics_port,
                       "metering": "redis" if config.redis_url else "memory",
                       "endpoints": "autoscaler" if config.router.autoscaler else "static"}), flush=True)

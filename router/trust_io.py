@@ -73,10 +73,11 @@ class TrustLayer:
     async def apply(self, request: pb.ModelInferRequest, ctx, model: str, counts: list[int]) -> dict[str, int]:
         """Mask every text input in place; ``counts`` are the element counts that
         ``cmesh.tensors.check_request`` validated. Returns the masked counts per kind."""
-        raws = request.raw_input_contents
-        texts = [i for i, t in enumerate(request.inputs) if t.datatype == "BYTES"]
+        inputs = request.inputs
+        texts = [i for i in range(len(inputs)) if inputs[i].datatype == "BYTES"]
         if not texts:
             return {}
+        raws = request.raw_input_contents
         # Each raw buffer read once: every read of a repeated bytes field is a copy.
         data = {i: raws[i] for i in texts} if raws else {}
         size = sum(len(d) for d in data.values()) if raws else \

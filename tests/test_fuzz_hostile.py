@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cmesh.looplag import LoopLagProbe
+from cmesh.proc import settle_heap
 from cmesh.tensors import set_param
 from meshtest import identity_text_model, mesh_config, running_router, running_server, sleep_model
 from protos import inference_pb2 as pb
@@ -65,6 +66,7 @@ class Mesh:
                 self.router_server = router
                 self._stop = asyncio.Event()
                 self._loop = asyncio.get_running_loop()
+                settle_heap()            # as the services' entry points do once ready
                 self.probe.start()
                 self.ready.set()
                 await self._stop.wait()
