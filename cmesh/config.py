@@ -234,7 +234,8 @@ class ServerConfig(Strict):
 
     limits: InputLimits = Field(default_factory=InputLimits)
 
-    max_message_bytes: int = Field(16 * 2**20, ge=1024, description="larger messages: RESOURCE_EXHAUSTED")
+    max_message_bytes: int = Field(4 * 2**20, ge=1024, description="larger messages: RESOURCE_EXHAUSTED, "
+                                   "refused by gRPC before any of ours runs (its default too)")
     drain_grace_s: float = Field(30, ge=0, description="SIGTERM: finish in-flight work within this")
     drain_delay_s: float = Field(1.0, ge=0, description="SIGTERM: stay reachable as NOT_SERVING this "
                                                          "long first, so clients notice and stop sending")

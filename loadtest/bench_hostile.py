@@ -35,6 +35,7 @@ from loadtest.common import REPO, emit, percentile_ms, stop_all, write_temp_conf
 TOKEN_ENV = "CMESH_BENCH_INTERNAL_TOKEN"
 DEMO_MODELS = ("intent-classifier", "kb-index", "sql-executor")
 LAG_BUCKETS_FAMILY = "cmesh_event_loop_lag_seconds"
+SEEN_BAD: list[str] = []      # the first UNKNOWN / INTERNAL answers, for the report
 
 
 def build_store(demo: Path, root: Path) -> None:
@@ -64,7 +65,7 @@ def mesh_yaml(store: Path, endpoint: str | None) -> dict:
             cfg["endpoints"] = [endpoint]
     return {"store": str(store), "models": models,
             "security": {"internal_token_env": TOKEN_ENV},
-            "server": {"limits": {"max_text_bytes": 2**20}},
+            "server": {"max_message_bytes": 4 * 2**20, "limits": {"max_text_bytes": 2**20}},
             "pipelines": {"lookup": {"nodes": {"q": {"model": "sql-executor", "optional": False,
                                                      "input": {"query": "request.text",
                                                                "params": "default(request.params, '{}')"}}}}}}
@@ -108,7 +109,8 @@ def hostile_mix() -> list[tuple[str, str, object]]:
             ("parameter", "infer", _text("intent-classifier", b"hi", **{"cmesh-timeout-ms": float("-inf")})),
             ("parameter", "infer", _text("intent-classifier", b"hi", **{"cmesh-timeout-ms": -5})),
             ("echo", "infer", _text("n" * 100_000, b"hi")),
-            ("text", "infer", _text("echo", b"x" * (15 * 2**20 + 900_000))),
+            ("text", "infer", _text("echo", b"x" * (15 * 2**20 + 900_000))),     # over the message limit
+            ("text", "infer", _text("echo", b"x" * (3 * 2**20 + 500_000))),      # over the text limit
             # Legitimate but large: masked by the trust layer's workers, off the loop.
             ("text", "infer", _text("echo", b"mail jane@example.com, call +44 20 7946 0958. " * 4_000)),
             ("internal", "infer", _tensor("sql-executor", "query", "BYTES", [1],
@@ -142,6 +144,8 @@ async def send_hostile(kind: str, how: str, payload, router, replica) -> str:
             await replica["unload"](pb.RepositoryModelUnloadRequest(model_name=payload), timeout=10)
         return "OK"
     except grpc.aio.AioRpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+            SEEN_BAD.append(f"{kind}: {exc.code().name}: {exc.details()}"[:300])
         return exc.code().name
 
 
@@ -306,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = set(args.kinds.split(",")) if args.kinds else None
     result = asyncio.run(run(Path(args.store), args.seconds, args.rate, args.concurrency, kinds))
     print(json.dumps(result["hostile_outcomes"], indent=1))
+    for line in SEEN_BAD[:10]:
+        print("bad answer:", line)
     emit({k: v for k, v in result.items() if k != "hostile_outcomes"})
     ok = (result["good_p99_ratio"] <= 1.5 and result["rss_growth_mb"] <= 100 and result["max_loop_lag_ms"] <= 50
           and not (result["unknown"] or result["internal"] or result["crashes"]))
