@@ -25,7 +25,7 @@ from cmesh.errors import Internal, MeshError, NotFound, Unavailable, quote
 from cmesh.internal_auth import MeshCredentials
 from cmesh.tensors import check_request, decode_parameters, set_param
 from protos import inference_pb2 as pb
-from router.abtest import choose_variant
+from router.abtest import choose_variant, variant_weights
 from router.auth import Principal
 from router.breaker import BreakerRegistry, Verdict, classify
 from router.dispatcher import Lease, ModelDispatcher, Ticket
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 # Request parameters the router stamps on every call it forwards.
 from cmesh.wire import (P_ATTEMPTS, P_CLASS, P_COLD_START_MS, P_COMPUTE_MS, P_INPUT_TOKENS,  # noqa: E402,F401
-                        P_OUTPUT_TOKENS, P_PIPELINE, P_REQUEST_ID, P_ROUTER_QUEUE_MS, P_SESSION, P_TIMEOUT_MS)
+                        P_OUTPUT_TOKENS, P_PIPELINE, P_REQUEST_ID, P_ROUTER_QUEUE_MS, P_SESSION, P_TIMEOUT_MS)  # noqa: F401
 # A replica timing out this close to the caller's deadline ran out of the caller's
 # time, not its own: it is not held against the replica or the component.
 DEADLINE_SLACK_S = 0.005
@@ -86,7 +86,7 @@ class RouterCore:
         self._wall = wall
         self._rng = rng or random.Random()
         rc = config.router
-        self.breakers = BreakerRegistry(rc.breaker, clock)
+        self.breakers = BreakerRegistry(rc.breaker)
         self.outliers = OutlierDetector(rc.outlier)
         self.retry = RetryPolicy(rc.retry, RetryBudget.from_config(rc.retry, clock), rng=self._rng)
         self._dispatchers: dict[str, ModelDispatcher] = {}
@@ -124,8 +124,9 @@ class RouterCore:
             or self._new_id()
         ctx.pipeline = ctx.pipeline or wire.text(P_PIPELINE, params.get(P_PIPELINE), limit)
         variants = cfg.variant_sources()
+        # Salted by the model, so one session's draws in different experiments are independent.
         variant = request.model_version or choose_variant(
-            {name: v.weight for name, v in variants.items()}, ctx.session or None, self._rng)
+            variant_weights(cfg), ctx.session or None, self._rng, salt=model)
         if variant not in variants:
             raise NotFound(f"model {model!r} has no variant {quote(variant)}; variants: {sorted(variants)}",
                            component=model, pipeline=ctx.pipeline)
