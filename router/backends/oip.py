@@ -117,7 +117,10 @@ class OipBackend:
 
     async def stream(self, request: pb.ModelInferRequest, timeout: float) -> AsyncIterator[pb.ModelInferResponse]:
         if not self.spec.stream:
-            yield await self.call(request, timeout)
+            # Answered in one piece, marked as the stream's last like any streamed answer.
+            response = await self.call(request, timeout)
+            response.parameters[wire.P_FINAL].bool_param = True
+            yield response
             return
         saved = self._out(request)
         started = False
