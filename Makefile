@@ -7,7 +7,9 @@ STORE ?= .cmesh/store
 CONFIG ?= compose/mesh.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv install redis protos bootstrap test up serve clean help
+KSERVE_VENV ?= .cmesh/kserve-venv
+
+.PHONY: venv install redis protos bootstrap test up serve clean help kserve-venv
 
 help:
 	@echo "make up      install, bootstrap the demo model store, start the mesh"
@@ -33,13 +35,22 @@ redis:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
+# KServe (PyPI kserve) for tests/test_kserve_backend.py, in a venv of its own: its stubs
+# register the protobuf package `inference` too, so it cannot share .venv.
+$(KSERVE_VENV)/.installed:
+	$(PY) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install -q kserve
+	touch $@
+
+kserve-venv: $(KSERVE_VENV)/.installed
+
 protos: $(STAMP)
 	$(BIN)/python -m protos.compile
 
 bootstrap: $(STAMP)
 	$(BIN)/cmesh models bootstrap --store $(STORE)
 
-test: $(STAMP) redis
+test: $(STAMP) redis kserve-venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 up: $(STAMP) bootstrap

@@ -47,7 +47,7 @@ class Controller:
                                     source_ttl_s=config.autoscaler.stale_after_s)
         self._manifest_mb: dict[str, int] = {}
         self.publisher = TablePublisher(first_version=int(wall() * 1000))
-        self._states: dict[str, PolicyState] = {m: PolicyState() for m in config.models}
+        self._states: dict[str, PolicyState] = {m: PolicyState() for m in config.scaled_models}
         self._decisions: dict[str, object] = {}
         self._warmed_at: dict[str, float] = {}
         self._graph_edges = model_edges(config)     # graph-ahead: upstream models per model
@@ -63,7 +63,7 @@ class Controller:
     def on_report(self, report: mesh_pb2.LoadReport) -> None:
         now = self._now()
         for load in report.models:
-            if load.model in self.config.models:
+            if load.model in self.config.scaled_models:
                 self.window.add(load.model, now, concurrency=load.queue_depth + load.in_flight,
                                 arrivals=load.arrivals, held=int(report.held.get(load.model, 0)),
                                 source=report.source)
@@ -100,10 +100,10 @@ class Controller:
             wall = datetime.fromtimestamp(self._wall(), tz=timezone.utc)
             scheduled = scheduled_minimums(self.config, wall, self.config.autoscaler.schedule_lead_s)
             ahead = self._ahead(now)
-            contexts = {m: self._context(m, now, scheduled.get(m, 0), ahead) for m in self.config.models}
+            contexts = {m: self._context(m, now, scheduled.get(m, 0), ahead) for m in self.config.scaled_models}
             if self.config.autoscaler.strategy == "uniform":
                 contexts = uniform_contexts(contexts, self._uniform_target())
-            for model in only or list(self.config.models):
+            for model in [m for m in (only or self.config.models) if m in contexts]:
                 await self._decide(model, contexts[model], now)
             self._observe()
 
@@ -130,7 +130,7 @@ class Controller:
     def _uniform_target(self) -> float:
         cfg = self.config.autoscaler
         return cfg.uniform_target_concurrency or sum(
-            m.deployment.target_concurrency for m in self.config.models.values())
+            m.deployment.target_concurrency for m in self.config.scaled_models.values())
 
     async def _decide(self, model: str, ctx: ScalingContext, now: float) -> None:
         cfg = self.config.autoscaler
@@ -220,7 +220,7 @@ class Controller:
         now = self._now()
         replicas = self.provider.replicas()
         resp = mesh_pb2.StatusResponse(leader=leader, endpoint_version=self.publisher.version)
-        for model, spec in self.config.models.items():
+        for model, spec in self.config.scaled_models.items():
             decision = self._decisions.get(model)
             latest = self.window.latest(model) or {}
             ms = resp.models.add(model=model, mode=spec.deployment.mode,

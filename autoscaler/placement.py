@@ -108,7 +108,7 @@ def check_fits(config: MeshConfig, estimates: Mapping[str, int] | None = None,
     estimates for models without ``resources.memory_mb``."""
     errors = []
     estimates = estimates or {}
-    for name, model in config.models.items():
+    for name, model in config.scaled_models.items():
         req = replica_request(name, model, estimates.get(name))
         candidates = [d for d in config.devices if d.kind == req.kind]
         if not candidates:

@@ -87,6 +87,75 @@ class ModelTrustConfig(Strict):
                                      description="JSON text outputs: replace these keys' values")
 
 
+class CredentialConfig(Strict):
+    """A credential an external backend expects on every call: one header whose value
+    comes from an environment variable, read at the entry point (never at import)."""
+
+    header: str = Field("authorization", pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+                        description="gRPC metadata key (lower case)")
+    env: str = Field(min_length=1, description="environment variable holding the value")
+    prefix: str = Field("", description="prepended to the value, e.g. 'Bearer '")
+
+
+BackendKind = Literal["mesh", "oip"]
+
+
+class BackendConfig(Strict):
+    """Where a model's requests go (``backend:`` of a model; default ``mesh``).
+
+    ``mesh``: the mesh's own replicas (autoscaler or static ``endpoints``), over the
+    data path ``data_path`` (default ``router.data_path``). ``oip``: any Open Inference
+    Protocol gRPC server (KServe, MLServer, Triton, NIM) at static ``endpoints`` or every
+    address of a DNS name (``dns``, e.g. a Kubernetes Service), called with unary
+    ModelInfer (and ModelStreamInfer for streamed calls when ``stream``)."""
+
+    kind: BackendKind = "mesh"
+    data_path: Literal["stream", "unary"] | None = Field(
+        None, description="mesh: how requests reach this model's replicas; None: router.data_path")
+    endpoints: list[str] = Field(default_factory=list, description="oip: host:port of each server")
+    dns: str | None = Field(None, description="oip: host:port whose every address is a server")
+    dns_refresh_s: float = Field(10.0, gt=0, description="oip with dns: how often to re-resolve")
+    model_name: str | None = Field(None, min_length=1, description="oip: the server's name for the model "
+                                                                   "(default: ours)")
+    versions: dict[str, str] = Field(default_factory=dict,
+                                     description="oip: our variant -> the server's model version "
+                                                 "(absent: the server's default version)")
+    stream: bool = Field(False, description="oip: the server implements ModelStreamInfer")
+    tls: TLSConfig | None = Field(None, description="oip: TLS to the server (ca, optional cert/key)")
+    credential: CredentialConfig | None = None
+    max_inflight_per_endpoint: int | None = Field(None, ge=1, description="router's cap per server "
+                                                  "(default: deployment.max_inflight_per_replica)")
+    spill_over: "BackendConfig | None" = Field(
+        None, description="mesh with mode auto: an oip pool that takes what the dedicated pool "
+                          "cannot (the serverless pool's place)")
+
+    @model_validator(mode="after")
+    def _kind(self) -> "BackendConfig":
+        if self.kind == "mesh":
+            for name in ("dns", "model_name", "tls", "credential", "max_inflight_per_endpoint"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: only for kind 'oip'")
+            for name in ("endpoints", "versions"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: only for kind 'oip' (mesh replicas: the model's endpoints)")
+            if self.stream:
+                raise ValueError("stream: only for kind 'oip' (mesh: data_path)")
+            if self.spill_over is not None and self.spill_over.kind != "oip":
+                raise ValueError("spill_over.kind: must be 'oip'")
+        else:
+            if self.data_path is not None:
+                raise ValueError("data_path: only for kind 'mesh'")
+            if self.spill_over is not None:
+                raise ValueError("spill_over: only for kind 'mesh'")
+            if bool(self.endpoints) == (self.dns is not None):
+                raise ValueError("endpoints: kind 'oip' needs exactly one of endpoints or dns")
+            for address in [*self.endpoints, *([self.dns] if self.dns else [])]:
+                host, _, port = address.rpartition(":")
+                if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                    raise ValueError(f"endpoints: {address!r} is not host:port")
+        return self
+
+
 class ModelConfig(Strict):
     source: str | None = Field(None, min_length=1, description="store://name/version, path or URL")
     variants: dict[str, VariantConfig] | None = None
@@ -100,6 +169,8 @@ class ModelConfig(Strict):
     tenants: list[str] | None = Field(None, description="tenants allowed to call it; None: every tenant")
     internal: bool = Field(False, description="reachable only as a pipeline node, never by a direct call")
     trust: ModelTrustConfig = Field(default_factory=ModelTrustConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig,
+                                   description="mesh (default) or oip: see BackendConfig")
     endpoints: list[str] | dict[Literal["dedicated", "serverless"], list[str]] = Field(
         default_factory=list,
         description="static host:port replicas for a router without an autoscaler; a list "
@@ -113,8 +184,14 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
-        if (self.source is None) == (self.variants is None):
+        if self.backend.kind == "oip":
+            # The server holds the model: no source, no replicas of ours.
+            if self.source is not None or self.endpoints:
+                raise ValueError("backend: kind 'oip' serves the model itself; give no source or endpoints")
+        elif (self.source is None) == (self.variants is None):
             raise ValueError("source: give exactly one of source or variants")
+        if self.backend.spill_over is not None and self.deployment.mode != "auto":
+            raise ValueError("backend.spill_over: needs deployment.mode 'auto' (dedicated pool, then spill-over)")
         if self.variants is not None:
             if not self.variants:
                 raise ValueError("variants: must not be empty")
@@ -125,11 +202,16 @@ class ModelConfig(Strict):
                 raise ValueError("variants: weights must not all be 0")
         return self
 
+    @property
+    def external(self) -> bool:
+        """Served by an external backend only: the autoscaler runs no replica of it."""
+        return self.backend.kind != "mesh"
+
     def variant_sources(self) -> dict[str, VariantConfig]:
         """Every variant by name; a single-source model has one named 'default'."""
         if self.variants is not None:
             return dict(self.variants)
-        return {DEFAULT_VARIANT: VariantConfig(source=self.source or "", weight=1.0)}
+        return {DEFAULT_VARIANT: VariantConfig(source=self.source or "external", weight=1.0)}
 
     def default_variant(self) -> str:
         variants = self.variant_sources()
@@ -435,6 +517,12 @@ class MeshConfig(Strict):
             if sched.model is not None and sched.model not in self.models:
                 raise ValueError(f"schedules.{i}.model: unknown model {sched.model!r}")
         return self
+
+    @property
+    def scaled_models(self) -> dict[str, ModelConfig]:
+        """The models the autoscaler runs replicas of: all but those served only by an
+        external backend (``backend.kind`` other than ``mesh``)."""
+        return {name: m for name, m in self.models.items() if not m.external}
 
     def model(self, name: str) -> ModelConfig:
         from cmesh.errors import NotFound

@@ -51,6 +51,7 @@ class CostLine:
     output_tokens: int = 0
     compute_s: float = 0.0
     cost: float = 0.0
+    external_compute_s: float = 0.0     # of compute_s: on external (oip) backends
 
     def plus(self, other: "CostLine", key: str | None = None) -> "CostLine":
         return CostLine(key=self.key if key is None else key,
@@ -59,7 +60,8 @@ class CostLine:
                         input_tokens=self.input_tokens + other.input_tokens,
                         output_tokens=self.output_tokens + other.output_tokens,
                         compute_s=self.compute_s + other.compute_s,
-                        cost=self.cost + other.cost)
+                        cost=self.cost + other.cost,
+                        external_compute_s=self.external_compute_s + other.external_compute_s)
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,8 @@ def build_report(rows: Iterable[UsageRow], config: MeshConfig, group_by: str, *,
         line = CostLine(key=key, requests=row.requests,
                         errors=row.requests if row.status != OK else 0,
                         input_tokens=row.input_tokens, output_tokens=row.output_tokens,
-                        compute_s=row.compute_s, cost=price_row(row, config))
+                        compute_s=row.compute_s, cost=price_row(row, config),
+                        external_compute_s=getattr(row, "external_compute_s", 0.0))
         groups[key] = groups[key].plus(line) if key in groups else line
     lines = tuple(sorted(groups.values(), key=lambda line: (-line.cost, line.key)))
     return CostReport(group_by=group_by, rows=lines, total=_total(lines),
@@ -170,11 +173,15 @@ _COLUMNS = (("requests", "{:d}"), ("errors", "{:d}"), ("input_tokens", "{:d}"),
 
 
 def format_table(report: CostReport) -> str:
-    """An aligned text table, one line per group, then a rule and the total."""
-    header = [report.group_by] + [name for name, _ in _COLUMNS]
-    body = [[line.key] + [fmt.format(getattr(line, name)) for name, fmt in _COLUMNS]
+    """An aligned text table, one line per group, then a rule and the total; with
+    external backends in it, an ``external_s`` column marks their share of compute."""
+    columns = _COLUMNS
+    if report.total.external_compute_s or any(line.external_compute_s for line in report.rows):
+        columns = (*_COLUMNS, ("external_compute_s", "{:.3f}"))
+    header = [report.group_by] + ["external_s" if name == "external_compute_s" else name for name, _ in columns]
+    body = [[line.key] + [fmt.format(getattr(line, name)) for name, fmt in columns]
             for line in report.rows]
-    total = [report.total.key] + [fmt.format(getattr(report.total, name)) for name, fmt in _COLUMNS]
+    total = [report.total.key] + [fmt.format(getattr(report.total, name)) for name, fmt in columns]
     widths = [max(len(r[i]) for r in [header, *body, total]) for i in range(len(header))]
 
     def render(cells: list[str]) -> str:
@@ -222,7 +229,8 @@ def report_from_proto(message: mesh_pb2.CostReportResponse) -> CostReport:
     only cost and compute totals, which are taken as sent)."""
     lines = tuple(CostLine(key=r.key, requests=r.requests, errors=r.errors,
                            input_tokens=r.input_tokens, output_tokens=r.output_tokens,
-                           compute_s=r.compute_s, cost=r.cost) for r in message.rows)
+                           compute_s=r.compute_s, cost=r.cost, external_compute_s=r.external_compute_s)
+                  for r in message.rows)
     counted = _total(lines)
     total = CostLine(key="total", requests=counted.requests, errors=counted.errors,
                      input_tokens=counted.input_tokens, output_tokens=counted.output_tokens,

@@ -1,14 +1,14 @@
 """What every cmesh servicer shares: the one exception-to-status mapping, and
-how errors travel inside Triton's ModelStreamInfer stream."""
+serving a ModelStreamInfer stream (its errors are coded by ``cmesh.wire``)."""
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
 
-from cmesh import tensors
 from cmesh.decoding import Undecodable
-from cmesh.errors import DETAIL_LIMIT, Internal, MeshError, abort_with, clip
+from cmesh.errors import Internal, MeshError, abort_with
+from cmesh.wire import stream_error
 from protos import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -31,23 +31,6 @@ def guarded(method):
             await abort_with(context, Internal(f"internal error: {type(exc).__name__}: {exc}"))
 
     return wrapper
-
-
-def stream_error(request: pb.ModelInferRequest, exc: MeshError) -> pb.ModelStreamInferResponse:
-    """Triton's stream carries errors as text; the status and detail also travel as
-    parameters so a router can map them back to a code without parsing text."""
-    resp = pb.ModelStreamInferResponse(error_message=f"{exc.code.name}: {clip(exc.message)}")
-    ir = resp.infer_response
-    # The names are the caller's own (it correlates by id), but clipped all the same.
-    ir.model_name, ir.model_version = clip(request.model_name, DETAIL_LIMIT), clip(request.model_version, DETAIL_LIMIT)
-    ir.id = request.id
-    for key, value in (("cmesh-error-code", exc.code.name), ("cmesh-error-reason", exc.reason),
-                       ("cmesh-error-field", clip(exc.field, DETAIL_LIMIT)), ("cmesh-retryable", exc.retryable),
-                       ("cmesh-retry-after-ms", exc.retry_after_ms),
-                       ("cmesh-error-component", clip(exc.component, DETAIL_LIMIT)),
-                       ("triton_final_response", True)):
-        tensors.set_param(ir.parameters, key, value)
-    return resp
 
 
 async def serve_stream(request_iterator, answer, what: str = "stream request"):

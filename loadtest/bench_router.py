@@ -5,9 +5,12 @@
 Both data paths (a multiplexed bidi stream per replica, and one unary call per
 request) are measured, interleaved with the direct runs over several rounds;
 medians are reported and `path` names the faster at concurrency 32, which is the
-router's default. Prints one JSON object last: direct_p50_ms, router_p50_ms,
+router's default. A third router reaches the same model server as an ``oip``
+backend (``backend: {kind: oip}``: any OIP server, unary ModelInfer, no mesh
+parameters on the wire). Prints one JSON object last: direct_p50_ms, router_p50_ms,
 added_p50_ms, added_p99_ms (concurrency 1), direct_rps, router_rps, rps_ratio
-(concurrency 32), path, and the other path's figures.
+(concurrency 32), path, the other path's figures, and oip_added_p50_ms,
+oip_rps_ratio.
 """
 from __future__ import annotations
 
@@ -103,11 +106,16 @@ def main(argv: list[str] | None = None) -> int:
                                  "deployment": {"max_inflight_per_replica": 64}}}})
                 configs.append(cfg)
                 routers[path] = RouterProc(cfg)
+            # The same model server as an external OIP server, in front of it on the unary path.
+            cfg = write_temp_config({"store": str(store), "models": {"identity": {
+                "backend": {"kind": "oip", "endpoints": [backend.address], "max_inflight_per_endpoint": 64}}}})
+            configs.append(cfg)
+            routers["oip"] = RouterProc(cfg)
             # Interleaved rounds, so drift in the machine's speed hits every target alike.
-            runs: dict[str, list[dict]] = {"direct": [], "stream": [], "unary": []}
+            runs: dict[str, list[dict]] = {"direct": [], "stream": [], "unary": [], "oip": []}
             for i in range(args.rounds):
                 for name, address in (("direct", backend.address), ("stream", routers["stream"].address),
-                                      ("unary", routers["unary"].address)):
+                                      ("unary", routers["unary"].address), ("oip", routers["oip"].address)):
                     runs[name].append(measure(address, args.seconds))
                     r = runs[name][-1]
                     print(f"round {i + 1} {name}: p50 {r['p50_ms']:.3f} ms, {r['rps']:.0f} req/s", flush=True)
@@ -119,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.unlink()
     direct = median_of(runs["direct"])
     paths = {name: median_of(runs[name]) for name in ("stream", "unary")}
+    oip = median_of(runs["oip"])
     best = max(paths, key=lambda k: paths[k]["rps"])
     other = "unary" if best == "stream" else "stream"
     r = paths[best]
@@ -128,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
           "direct_rps": round(direct["rps"], 1), "router_rps": round(r["rps"], 1),
           "rps_ratio": round(r["rps"] / direct["rps"], 3), "path": best,
           f"{other}_added_p50_ms": round(paths[other]["p50_ms"] - direct["p50_ms"], 3),
-          f"{other}_rps_ratio": round(paths[other]["rps"] / direct["rps"], 3), "rounds": args.rounds})
+          f"{other}_rps_ratio": round(paths[other]["rps"] / direct["rps"], 3),
+          "oip_added_p50_ms": round(oip["p50_ms"] - direct["p50_ms"], 3),
+          "oip_rps_ratio": round(oip["rps"] / direct["rps"], 3), "rounds": args.rounds})
     return 0
 
 

@@ -14,24 +14,17 @@ import numpy as np
 
 from cmesh import wire
 from cmesh.errors import DeadlineExceeded, InvalidInput, MeshError, quote
-from cmesh.wire import P_TIMEOUT_MS  # the caller's remaining deadline, for calls on a shared stream
+from cmesh.wire import (P_BATCH_SIZE, P_CLASS, P_COMPUTE_MS, P_FINAL, P_INPUT_TOKENS, P_OUTPUT_TOKENS,
+                        P_PIPELINE, P_QUEUE_MS, P_TIMEOUT_MS, ms_text)
 from model_server.engines.base import InferItem
 from model_server.repository import ModelRepository, Variant
 from model_server.runner import Completion
 
-# Response parameters every answer carries, for metering and traces upstream.
-P_COMPUTE_MS = "cmesh-compute-ms"
-P_QUEUE_MS = "cmesh-queue-ms"
-P_BATCH_SIZE = "cmesh-batch-size"
-P_INPUT_TOKENS = "cmesh-input-tokens"
-P_OUTPUT_TOKENS = "cmesh-output-tokens"
-P_FINAL = "triton_final_response"     # Triton's marker of a stream's last response
 
 
 def _count_caller(metrics, parameters: dict[str, Any]) -> None:
     """Which pipeline and latency class each request came with (routers stamp both)."""
-    metrics.caller(str(parameters.get("cmesh-pipeline-id") or ""),
-                   str(parameters.get("cmesh-latency-class") or ""))
+    metrics.caller(str(parameters.get(P_PIPELINE) or ""), str(parameters.get(P_CLASS) or ""))
 
 
 def _remaining_s(parameters: dict[str, Any]) -> float | None:
@@ -131,8 +124,9 @@ class DataPlane:
             outputs = {k: v for k, v in outputs.items() if k in item.requested_outputs}
         params: dict[str, Any] = {}
         if completion is not None:
-            params[P_COMPUTE_MS] = completion.compute_s * 1000.0
-            params[P_QUEUE_MS] = completion.queue_s * 1000.0
+            # Timings as text: readable by any OIP client (cmesh.wire).
+            params[P_COMPUTE_MS] = ms_text(completion.compute_s * 1000.0)
+            params[P_QUEUE_MS] = ms_text(completion.queue_s * 1000.0)
             params[P_BATCH_SIZE] = max(completion.batch_sizes, default=0)
             params[P_INPUT_TOKENS] = item.input_tokens
             params[P_OUTPUT_TOKENS] = completion.result.output_tokens

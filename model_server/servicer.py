@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from cmesh import tensors
+from cmesh import tensors, wire
 from cmesh.rpc import guarded, serve_stream
 from model_server.dataplane import DataPlane, InferRequest, InferResponse
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 
 SERVER_NAME = "cmesh-model-server"
-COLLECT = "cmesh-collect"       # request parameter: answer a stream request in one response
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["model_repository", "model_repository(unload_dependents)", "parameters",
               "binary_tensor_data", "streaming"]
@@ -79,11 +78,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def answer(request: pb.ModelInferRequest, emit) -> None:
             domain = to_domain(request, self.limits)
-            if domain.parameters.get(COLLECT):
+            if domain.parameters.get(wire.P_COLLECT):
                 # A unary caller multiplexed onto this stream (the router's data
                 # path): one whole answer, even from a generative model.
                 response = to_proto(await self.dataplane.infer(domain))
-                tensors.set_param(response.parameters, "triton_final_response", True)
+                tensors.set_param(response.parameters, wire.P_FINAL, True)
                 await emit(pb.ModelStreamInferResponse(infer_response=response))
                 return
             async for piece in self.dataplane.stream(domain):

@@ -128,7 +128,7 @@ class CostReportRequest(_message.Message):
     def __init__(self, group_by: _Optional[str] = ...) -> None: ...
 
 class CostRow(_message.Message):
-    __slots__ = ("key", "requests", "errors", "input_tokens", "output_tokens", "compute_s", "cost")
+    __slots__ = ("key", "requests", "errors", "input_tokens", "output_tokens", "compute_s", "cost", "external_compute_s")
     KEY_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,7 @@ class CostRow(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     key: str
     requests: int
     errors: int
@@ -143,7 +144,8 @@ class CostRow(_message.Message):
     output_tokens: int
     compute_s: float
     cost: float
-    def __init__(self, key: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., compute_s: _Optional[float] = ..., cost: _Optional[float] = ...) -> None: ...
+    external_compute_s: float
+    def __init__(self, key: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., compute_s: _Optional[float] = ..., cost: _Optional[float] = ..., external_compute_s: _Optional[float] = ...) -> None: ...
 
 class CostReportResponse(_message.Message):
     __slots__ = ("group_by", "rows", "total_cost", "total_compute_s", "incomplete", "spooled_events", "dropped_events")

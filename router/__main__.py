@@ -32,9 +32,11 @@ async def serve(args: argparse.Namespace) -> int:
         config.router.autoscaler = args.autoscaler
     config.redis_url = args.redis or config.redis_url or os.environ.get("REDIS_URL") or None
     from cmesh.internal_auth import token_from_env
+    from router.backends.oip import secrets_from_env
 
     server = RouterServer(config, RouterOptions(host=args.host, port=args.port, metrics_port=args.metrics_port,
-                                                internal_token=token_from_env(config, os.environ)))
+                                                internal_token=token_from_env(config, os.environ),
+                                                backend_secrets=secrets_from_env(config, os.environ)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

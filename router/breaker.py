@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import enum
 import math
-import time
-from collections.abc import Callable
 
 from cmesh.config import BreakerConfig
 
@@ -161,12 +159,10 @@ class CircuitBreaker:
 
 
 class BreakerRegistry:
-    """One breaker per component, created on first use. Convenience methods read
-    ``clock`` (time.monotonic by default) so callers need not pass ``now``."""
+    """One breaker per component, created on first use; callers pass ``now`` to it."""
 
-    def __init__(self, config: BreakerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: BreakerConfig) -> None:
         self.config = config
-        self._clock = clock
         self._breakers: dict[str, CircuitBreaker] = {}
 
     def get(self, component: str) -> CircuitBreaker:
@@ -174,38 +170,3 @@ class BreakerRegistry:
         if breaker is None:
             breaker = self._breakers[component] = CircuitBreaker(self.config)
         return breaker
-
-    def try_acquire(self, component: str) -> bool:
-        return self.get(component).try_acquire(self._clock())
-
-    def on_success(self, component: str) -> None:
-        self.get(component).on_success(self._clock())
-
-    def on_failure(self, component: str) -> None:
-        self.get(component).on_failure(self._clock())
-
-    def on_outcome(self, component: str, code_name: str) -> None:
-        self.get(component).on_outcome(self._clock(), code_name)
-
-    def release(self, component: str) -> None:
-        self.get(component).release(self._clock())
-
-    def retry_after_ms(self, component: str) -> int:
-        return self.get(component).retry_after_ms(self._clock())
-
-    def state(self, component: str) -> State:
-        return self.get(component).state(self._clock())
-
-    def states(self) -> dict[str, State]:
-        """Every known component's state now (for gauges and status pages)."""
-        now = self._clock()
-        return {name: b.state(now) for name, b in self._breakers.items()}
-
-    def reconfigure(self, config: BreakerConfig) -> None:
-        """Config reload: new thresholds apply to every breaker; states are kept."""
-        self.config = config
-        for breaker in self._breakers.values():
-            breaker.config = config
-
-    def forget(self, component: str) -> None:
-        self._breakers.pop(component, None)

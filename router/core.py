@@ -1,9 +1,11 @@
-"""The Prediction Service's data plane, independent of gRPC.
+"""The Prediction Service's data plane, independent of gRPC and of transports.
 
 For each call: pick the variant (sticky A/B), check the component's breaker,
 mask PII (trust layer), queue in the model's dispatcher, send to the leased
-replica, retry on a different replica while no response has started and the
-budget allows, then meter the request exactly once by its request id.
+endpoint through its ``Backend`` (``router.backends``: a mesh replica or any OIP
+server, chosen per model), retry on a different endpoint while no response has
+started and the budget allows, then meter the request exactly once by its
+request id. Tests inject fake ``Backends`` (tests/fakes.py); nothing is patched.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from cmesh.errors import Internal, MeshError, NotFound, Unavailable, quote
 from cmesh.internal_auth import MeshCredentials
 from cmesh.tensors import check_request, decode_parameters, set_param
 from protos import inference_pb2 as pb
-from router.abtest import choose_variant
+from router.abtest import choose_variant, variant_weights
 from router.auth import Principal
 from router.breaker import BreakerRegistry, Verdict, classify
 from router.dispatcher import Lease, ModelDispatcher, Ticket
@@ -31,18 +33,15 @@ from router.endpoints import EndpointTable
 from router.metering import Meter, MeterEvent
 from router.metrics import RouterMetrics
 from router.outlier import OutlierDetector
-from router.replica import BackendError, make_path
+from router.backends import Backends, BackendError, RouterBackends
 from router.retry import RetryBudget, RetryPolicy
 from router.trust_io import TrustLayer
 
 log = logging.getLogger(__name__)
 
 # Request parameters the router stamps on every call it forwards.
-from cmesh.wire import P_CLASS, P_PIPELINE, P_REQUEST_ID, P_SESSION, P_TIMEOUT_MS  # noqa: E402,F401
-P_COLLECT = "cmesh-collect"
-P_ATTEMPTS = "cmesh-attempts"
-P_ROUTER_QUEUE_MS = "cmesh-router-queue-ms"   # time queued in the router before dispatch
-P_COLD_START_MS = "cmesh-cold-start-ms"       # of which: held for a first replica
+from cmesh.wire import (P_ATTEMPTS, P_CLASS, P_COLD_START_MS, P_COMPUTE_MS, P_INPUT_TOKENS,  # noqa: E402,F401
+                        P_OUTPUT_TOKENS, P_PIPELINE, P_REQUEST_ID, P_ROUTER_QUEUE_MS, P_SESSION, P_TIMEOUT_MS)  # noqa: F401
 # A replica timing out this close to the caller's deadline ran out of the caller's
 # time, not its own: it is not held against the replica or the component.
 DEADLINE_SLACK_S = 0.005
@@ -72,10 +71,12 @@ class RouterCore:
     def __init__(self, config: MeshConfig, table: EndpointTable, meter: Meter, metrics: RouterMetrics,
                  warm: Callable[[str], "asyncio.Future | object"], trust: TrustLayer,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 rng: random.Random | None = None, credentials: MeshCredentials | None = None) -> None:
+                 rng: random.Random | None = None, credentials: MeshCredentials | None = None,
+                 backends: Backends | None = None) -> None:
         self.config = config
         # What replica channels present: TLS settings and the mesh-internal token.
         self.credentials = credentials or MeshCredentials(config.security.client_tls)
+        self.backends = backends or RouterBackends(config, self.credentials)
         self.table = table
         self.meter = meter
         self.metrics = metrics
@@ -85,10 +86,9 @@ class RouterCore:
         self._wall = wall
         self._rng = rng or random.Random()
         rc = config.router
-        self.breakers = BreakerRegistry(rc.breaker, clock)
+        self.breakers = BreakerRegistry(rc.breaker)
         self.outliers = OutlierDetector(rc.outlier)
         self.retry = RetryPolicy(rc.retry, RetryBudget.from_config(rc.retry, clock), rng=self._rng)
-        self._paths: dict[str, object] = {}
         self._dispatchers: dict[str, ModelDispatcher] = {}
         self._arrivals: Counter = Counter()          # per model, since the last load report
         self._meter_queue: asyncio.Queue[MeterEvent] = asyncio.Queue()
@@ -124,8 +124,9 @@ class RouterCore:
             or self._new_id()
         ctx.pipeline = ctx.pipeline or wire.text(P_PIPELINE, params.get(P_PIPELINE), limit)
         variants = cfg.variant_sources()
+        # Salted by the model, so one session's draws in different experiments are independent.
         variant = request.model_version or choose_variant(
-            {name: v.weight for name, v in variants.items()}, ctx.session or None, self._rng)
+            variant_weights(cfg), ctx.session or None, self._rng, salt=model)
         if variant not in variants:
             raise NotFound(f"model {model!r} has no variant {quote(variant)}; variants: {sorted(variants)}",
                            component=model, pipeline=ctx.pipeline)
@@ -157,8 +158,6 @@ class RouterCore:
             for key, value in ((P_PIPELINE, ctx.pipeline), (P_CLASS, ctx.latency_class),
                                (P_REQUEST_ID, ctx.request_id)):
                 set_param(request.parameters, key, value)
-            if not streaming and self.config.router.data_path == "stream":
-                set_param(request.parameters, P_COLLECT, True)
             trust = cfg.trust
             async for response in self._attempts(ctx, request, model, variant, streaming):
                 if trust.mask_outputs or trust.redact_fields:
@@ -197,20 +196,25 @@ class RouterCore:
             lease: Lease = await dispatcher.acquire(Ticket(latency_class=ctx.latency_class, deadline=ctx.deadline,
                                                            variant=variant, exclude=exclude,
                                                            last_error=last_error))
-            path = self._path(lease.replica.address)
-            remaining = ctx.deadline - self._now()
+            backend = self.backends.get(model, lease.replica)
+            sent_at = self._now()
+            remaining = ctx.deadline - sent_at
             set_param(request.parameters, P_TIMEOUT_MS, max(1, int(remaining * 1000)))
             started = False
             try:
                 if streaming:
-                    async for response in path.stream(request, remaining):
+                    async for response in backend.stream(request, remaining):
                         if not started:
                             self._stamp(response, lease, attempt)
                         started = True
+                        if backend.external and wire.is_final(response):
+                            self._external_compute(response, sent_at)
                         yield response
                 else:
-                    response = await path.call_once(request, remaining)
+                    response = await backend.call(request, remaining)
                     self._stamp(response, lease, attempt)
+                    if backend.external:
+                        self._external_compute(response, sent_at)
                     yield response
                 self.outliers.on_success(lease.replica.id)
                 return
@@ -241,11 +245,19 @@ class RouterCore:
     @staticmethod
     def _stamp(response: pb.ModelInferResponse, lease: Lease, attempt: int) -> None:
         """Router-side timings for traces: queue wait, and how much of it was a cold start."""
-        set_param(response.parameters, P_ROUTER_QUEUE_MS, lease.queue_s * 1000.0)
+        wire.set_ms(response.parameters, P_ROUTER_QUEUE_MS, lease.queue_s * 1000.0)
         if lease.held:
-            set_param(response.parameters, P_COLD_START_MS, lease.queue_s * 1000.0)
+            wire.set_ms(response.parameters, P_COLD_START_MS, lease.queue_s * 1000.0)
         if attempt:
             set_param(response.parameters, P_ATTEMPTS, attempt + 1)
+
+    def _external_compute(self, response: pb.ModelInferResponse, sent_at: float) -> None:
+        """An external server that reports no compute is metered for its wall time,
+        and the answer says it was external (the cost report marks it)."""
+        params = response.parameters
+        if P_COMPUTE_MS not in params:
+            wire.set_ms(params, P_COMPUTE_MS, (self._now() - sent_at) * 1000.0)
+        params[wire.P_EXTERNAL].bool_param = True
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}-{next(self._id_counter):x}"
@@ -279,9 +291,10 @@ class RouterCore:
             event = MeterEvent(request_id=ctx.request_id or self._new_id(), tenant=ctx.principal.tenant,
                                pipeline=ctx.pipeline, model=model, variant=variant,
                                latency_class=ctx.latency_class or "interactive", status=status,
-                               input_tokens=_count(params.get("cmesh-input-tokens")),
-                               output_tokens=_count(params.get("cmesh-output-tokens")),
-                               compute_s=_count(params.get("cmesh-compute-ms"), float) / 1000.0,
+                               input_tokens=_count(params.get(P_INPUT_TOKENS)),
+                               output_tokens=_count(params.get(P_OUTPUT_TOKENS)),
+                               compute_s=wire.ms(params.get(P_COMPUTE_MS)) / 1000.0,
+                               external=params.get(wire.P_EXTERNAL) is True,
                                timestamp=self._wall())
         except ValueError as exc:       # a replica's bad accounting must not fail the request
             log.error("cannot meter %s: %s", ctx.request_id, exc)
@@ -313,19 +326,9 @@ class RouterCore:
             self._dispatchers[model] = dispatcher
         return dispatcher
 
-    def _path(self, address: str):
-        path = self._paths.get(address)
-        if path is None:
-            path = make_path(self.config.router.data_path, address, self.credentials)
-            self._paths[address] = path
-        return path
-
     def _on_table_change(self, changed: set[str]) -> None:
-        live = self.table.addresses()
-        for address in [a for a in self._paths if a not in live]:
-            # A replica left the table (draining): finish what is in flight on it, then close.
-            path = self._paths.pop(address)
-            asyncio.get_running_loop().create_task(path.close(graceful=True))
+        # An endpoint that left the table (draining) finishes what is in flight, then closes.
+        self.backends.retire(self.table.addresses())
         for model in changed:
             if model in self._dispatchers:
                 self._dispatchers[model].on_table_change()
@@ -346,10 +349,22 @@ class RouterCore:
         return next((r.address for r in self.table.replicas(model) if r.id in busy), None)
 
     def replica_address(self, model: str) -> str | None:
-        """Any ready replica of the model (metadata calls are forwarded to it)."""
+        """Any ready endpoint of the model (metadata calls are forwarded to it)."""
         for r in self.table.replicas(model):
             if r.state == "ready":
                 return r.address
+        return None
+
+    async def describe(self, model: str, version: str = "") -> pb.ModelMetadataResponse | None:
+        """The model's metadata from a ready endpoint through its backend; None when
+        it has none or none answers (the caller falls back to the store)."""
+        for replica in self.table.replicas(model):
+            if replica.state != "ready":
+                continue
+            try:
+                return await self.backends.get(model, replica).metadata(model, version)
+            except MeshError as exc:
+                log.info("metadata of %s from %s failed (%s)", model, replica.address, exc.code.name)
         return None
 
     async def close(self) -> None:
@@ -358,7 +373,6 @@ class RouterCore:
             self._meter_task.cancel()
         for dispatcher in self._dispatchers.values():
             await dispatcher.close()
-        for path in self._paths.values():
-            await path.close()
+        await self.backends.close()
         if self.trust.pool is not None:
             self.trust.pool.close()

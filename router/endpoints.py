@@ -34,22 +34,43 @@ class ReplicaInfo:
     state: str = "ready"               # "warming", "ready" or "draining"
     max_inflight: int = 0              # 0: the model's configured cap
     variants: tuple[str, ...] = ()     # empty: every variant
+    kind: str = "mesh"                 # the backend adapter: "mesh" replica or "oip" server
 
     def serves(self, variant: str) -> bool:
         return not self.variants or variant in self.variants
 
 
 class EndpointTable:
+    """Mesh replicas (from the autoscaler or static config; versioned) plus the
+    endpoints of external (oip) backends (``set_external``); ``replicas`` is both."""
+
     def __init__(self) -> None:
         self.version = -1
         self._models: dict[str, tuple[ReplicaInfo, ...]] = {}
+        self._external: dict[str, tuple[ReplicaInfo, ...]] = {}
+        self._merged: dict[str, tuple[ReplicaInfo, ...]] = {}
         self._listeners: list[Callable[[set[str]], None]] = []
 
     def replicas(self, model: str) -> tuple[ReplicaInfo, ...]:
-        return self._models.get(model, ())
+        return self._merged.get(model, ())
 
     def addresses(self) -> set[str]:
-        return {r.address for reps in self._models.values() for r in reps}
+        return {r.address for reps in self._merged.values() for r in reps}
+
+    def _merge(self) -> set[str]:
+        merged = {m: self._models.get(m, ()) + self._external.get(m, ())
+                  for m in set(self._models) | set(self._external)}
+        changed = {m for m in set(merged) | set(self._merged) if merged.get(m) != self._merged.get(m)}
+        self._merged = merged
+        return changed
+
+    def set_external(self, models: dict[str, tuple[ReplicaInfo, ...]]) -> None:
+        """The endpoints of external backends (static, or as DNS last resolved)."""
+        self._external = {m: tuple(r) for m, r in models.items() if r}
+        changed = self._merge()
+        if changed:
+            for listener in self._listeners:
+                listener(changed)
 
     def subscribe(self, listener: Callable[[set[str]], None]) -> None:
         """``listener(changed_models)`` runs after every replacement."""
@@ -60,8 +81,8 @@ class EndpointTable:
         autoscaler whose versions need not continue the old one's."""
         if version <= self.version and not force:
             return                               # stale or repeated table
-        changed = {m for m in set(models) | set(self._models) if models.get(m) != self._models.get(m)}
         self.version, self._models = version, dict(models)
+        changed = self._merge()
         for listener in self._listeners:
             listener(changed)
 
@@ -74,6 +95,59 @@ def static_table(config: MeshConfig) -> dict[str, tuple[ReplicaInfo, ...]]:
         if replicas:
             models[name] = tuple(replicas)
     return models
+
+
+def external_table(config: MeshConfig, resolved: dict[str, list[str]] | None = None
+                   ) -> dict[str, tuple[ReplicaInfo, ...]]:
+    """Endpoints of every oip backend: a model's own (in the pool its mode implies) or
+    its spill-over pool (serverless). ``resolved``: addresses per DNS name."""
+    resolved = resolved or {}
+    models = {}
+    for name, model in config.models.items():
+        if model.backend.kind == "oip":
+            spec = model.backend
+            pool = "serverless" if model.deployment.mode == "serverless" else "dedicated"
+        elif model.backend.spill_over is not None:
+            spec, pool = model.backend.spill_over, "serverless"
+        else:
+            continue
+        addresses = spec.endpoints or resolved.get(spec.dns or "", [])
+        models[name] = tuple(ReplicaInfo(id=f"oip:{name}:{a}", address=a, pool=pool, kind="oip",
+                                         max_inflight=spec.max_inflight_per_endpoint or 0)
+                             for a in addresses)
+    return models
+
+
+class ExternalSource:
+    """Keeps the table's external endpoints: static ones once, DNS names re-resolved
+    every ``dns_refresh_s`` (a name that fails to resolve keeps its last addresses)."""
+
+    def __init__(self, config: MeshConfig, table: EndpointTable, resolve=None) -> None:
+        from router.backends.oip import backend_specs, resolve as dns_resolve
+
+        self.config = config
+        self.table = table
+        self._resolve = resolve or dns_resolve
+        self._names = {spec.dns: spec.dns_refresh_s for spec in backend_specs(config).values() if spec.dns}
+        self.resolved: dict[str, list[str]] = {}
+        table.set_external(external_table(config))
+
+    async def refresh(self) -> None:
+        for name in self._names:
+            found = await self._resolve(name)
+            if found:
+                self.resolved[name] = found
+            elif name not in self.resolved:
+                log.warning("oip backend %s does not resolve (yet)", name)
+        self.table.set_external(external_table(self.config, self.resolved))
+
+    async def run(self) -> None:
+        if not self._names:
+            return
+        period = min(self._names.values())
+        while True:
+            await self.refresh()
+            await asyncio.sleep(period)        # the refresh period, not polling for work
 
 
 class StaticSource:
@@ -101,7 +175,7 @@ def table_from_proto(msg: mesh_pb2.EndpointTable) -> dict[str, tuple[ReplicaInfo
 def autoscaler_channel(address: str, credentials: MeshCredentials | None) -> grpc.aio.Channel:
     """The router's one channel to the autoscaler (endpoint watch, warm-ups, load
     reports): keepalive as for replicas, reconnect back-off bounded at 1 s."""
-    from router.replica import CHANNEL_OPTIONS
+    from router.backends.base import CHANNEL_OPTIONS
 
     return open_internal_channel(address, credentials, [*CHANNEL_OPTIONS, *RECONNECT_OPTIONS])
 

@@ -1,5 +1,7 @@
 """The model-store manifests the router needs (input specs for pipeline nodes,
-metadata for models at zero replicas), read once per model variant."""
+metadata for models at zero replicas), read once per model variant. A model on an
+external (oip) backend has no store entry: its manifest is built from the
+server's ModelMetadata, asked through ``describe`` (the router core's)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,10 +11,20 @@ from cmesh.manifest import Manifest
 from cmesh.store import ModelStore
 
 
+def manifest_of_metadata(model: str, variant: str, answer) -> Manifest:
+    """A manifest from an OIP ModelMetadataResponse (engine 'external')."""
+    def specs(tensors):
+        return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in tensors]
+
+    return Manifest(name=model, version=variant, engine="external", platform=answer.platform or "external",
+                    inputs=specs(answer.inputs), outputs=specs(answer.outputs))
+
+
 class ManifestCache:
-    def __init__(self, config: MeshConfig) -> None:
+    def __init__(self, config: MeshConfig, describe=None) -> None:
         self.config = config
         self.store = ModelStore(config.store)
+        self.describe = describe        # async (model, version) -> ModelMetadataResponse | None
         self._manifests: dict[tuple[str, str], Manifest] = {}
 
     async def get(self, model: str, variant: str = "") -> Manifest:
@@ -20,6 +32,14 @@ class ManifestCache:
         cfg = self.config.models[model]
         variant = variant or cfg.default_variant()
         key = (model, variant)
+        if key not in self._manifests and cfg.external:
+            from cmesh.errors import Unavailable
+
+            answer = await self.describe(model, variant) if self.describe is not None else None
+            if answer is None:
+                raise Unavailable(f"no endpoint of external backend {model!r} answered ModelMetadata",
+                                  component=model)
+            self._manifests[key] = manifest_of_metadata(model, variant, answer)
         if key not in self._manifests:
             source = cfg.variant_sources()[variant].source
             self._manifests[key] = (await asyncio.to_thread(self.store.open, source)).manifest

@@ -58,6 +58,7 @@ class MeterEvent:
     output_tokens: int
     compute_s: float       # the model server's report: this request's share of its batches
     timestamp: float       # wall-clock epoch seconds, from the caller
+    external: bool = False  # answered by an external backend: compute_s is its wall time unless reported
 
     def __post_init__(self) -> None:
         # A bad event would poison an aggregate forever; refuse it at the door.
@@ -95,10 +96,15 @@ class MeterRow:
     input_tokens: int
     output_tokens: int
     compute_ns: int
+    external_compute_ns: int = 0    # of compute_ns: on external (oip) backends
 
     @property
     def compute_s(self) -> float:
         return self.compute_ns / NS_PER_S
+
+    @property
+    def external_compute_s(self) -> float:
+        return self.external_compute_ns / NS_PER_S
 
     def key(self) -> tuple[str, ...]:
         return tuple(getattr(self, d) for d in DIMENSIONS)
@@ -127,7 +133,7 @@ class Meter(Protocol):
     async def close(self) -> None: ...
 
 
-COUNTERS = ("requests", "input_tokens", "output_tokens", "compute_ns")
+COUNTERS = ("requests", "input_tokens", "output_tokens", "compute_ns", "external_compute_ns")
 
 
 def _new_row() -> dict[str, int]:
@@ -136,7 +142,8 @@ def _new_row() -> dict[str, int]:
 
 def _row_of(key: tuple[str, ...], counts: dict[str, int]) -> MeterRow:
     return MeterRow(*key, requests=counts["requests"], input_tokens=counts["input_tokens"],
-                    output_tokens=counts["output_tokens"], compute_ns=counts["compute_ns"])
+                    output_tokens=counts["output_tokens"], compute_ns=counts["compute_ns"],
+                    external_compute_ns=counts.get("external_compute_ns", 0))
 
 
 class MemoryMeter:
@@ -180,6 +187,8 @@ class MemoryMeter:
         counts["input_tokens"] += event.input_tokens
         counts["output_tokens"] += event.output_tokens
         counts["compute_ns"] += event.compute_ns
+        if event.external:
+            counts["external_compute_ns"] += event.compute_ns
         self._seq += 1
         self._events.append(StoredEvent(f"{self._seq}-0", event))
         return True
@@ -198,7 +207,7 @@ class MemoryMeter:
 
 # KEYS: 1 seen:<request id>  2 row:<encoded tuple>  3 rows index  4 event stream
 # ARGV: 1 dedupe ttl (s)  2 stream maxlen  3 input tokens  4 output tokens
-#       5 compute ns  6.. event field/value pairs for XADD
+#       5 compute ns  6 external compute ns  7.. event field/value pairs for XADD
 # Integers travel as strings and only HINCRBY parses them (int64): Lua numbers are
 # doubles and would round nanosecond totals past 2^53.
 RECORD_LUA = """
@@ -209,8 +218,11 @@ redis.call('HINCRBY', KEYS[2], 'requests', 1)
 redis.call('HINCRBY', KEYS[2], 'input_tokens', ARGV[3])
 redis.call('HINCRBY', KEYS[2], 'output_tokens', ARGV[4])
 redis.call('HINCRBY', KEYS[2], 'compute_ns', ARGV[5])
+if ARGV[6] ~= '0' then
+  redis.call('HINCRBY', KEYS[2], 'external_compute_ns', ARGV[6])
+end
 redis.call('SADD', KEYS[3], KEYS[2])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 6))
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 7))
 return 1
 """
 
@@ -231,8 +243,10 @@ def decode_key(encoded: str) -> tuple[str, ...]:
 
 def event_fields(event: MeterEvent) -> dict[str, str]:
     out = {f.name: str(getattr(event, f.name)) for f in fields(event)
-           if f.name not in ("compute_s", "timestamp")}
+           if f.name not in ("compute_s", "timestamp", "external")}
     out["compute_ns"] = str(event.compute_ns)
+    if event.external:
+        out["external"] = "1"
     out["timestamp"] = repr(float(event.timestamp))       # repr: round-trips exactly
     return out
 
@@ -243,7 +257,8 @@ def event_from_fields(data: dict[str, str]) -> MeterEvent:
         model=data["model"], variant=data["variant"], latency_class=data["latency_class"],
         status=data["status"], input_tokens=int(data["input_tokens"]),
         output_tokens=int(data["output_tokens"]),
-        compute_s=int(data["compute_ns"]) / NS_PER_S, timestamp=float(data["timestamp"]))
+        compute_s=int(data["compute_ns"]) / NS_PER_S, timestamp=float(data["timestamp"]),
+        external=data.get("external") == "1")
 
 
 def redact_url(url: str) -> str:
@@ -263,7 +278,8 @@ class RedisMeter:
 
     Keys (``prefix`` defaults to ``cmesh:meter``):
       ``<prefix>:seen:<request id>``   "1", expires after ``dedupe_ttl_s``
-      ``<prefix>:row:<json tuple>``    hash: requests, input_tokens, output_tokens, compute_ns
+      ``<prefix>:row:<json tuple>``    hash: requests, input_tokens, output_tokens, compute_ns,
+                                       external_compute_ns (when any)
       ``<prefix>:rows``                set of row keys
       ``<prefix>:events``              stream of counted events, trimmed to ~``stream_maxlen``
     For Redis Cluster give a hash-tagged prefix such as ``{cmesh:meter}`` so the
@@ -309,7 +325,8 @@ class RedisMeter:
                 self._row_prefix + encode_key(event.key()),
                 f"{self.prefix}:rows", f"{self.prefix}:events"]
         args: list[str | int] = [self.dedupe_ttl_s, self.stream_maxlen, event.input_tokens,
-                                 event.output_tokens, event.compute_ns]
+                                 event.output_tokens, event.compute_ns,
+                                 event.compute_ns if event.external else 0]
         for name, value in event_fields(event).items():
             args += [name, value]
         return keys, args

@@ -1,15 +1,13 @@
 """Per-model request queues: ordering, bounded admission with shedding, expiry.
 
 Modelled on vLLM's ``vllm/v1/core/sched/request_queue.py``: one small interface
-(``RequestQueue``), two implementations that differ only in their ordering key,
-and a factory by policy name. The queue is pure data structure: no asyncio, no
+(``RequestQueue``) whose implementation gives the ordering key. The queue is pure data structure: no asyncio, no
 clock of its own (``expire`` takes ``now``); the router's scheduler owns the
 waiting futures and calls in here to decide *which* request goes next.
 
 Ordering (``PriorityRequestQueue``, the router's default, DESIGN.md §4):
 interactive before batch; earliest deadline first inside a class (no deadline
-sorts last); then arrival, then ``seq``. ``FcfsRequestQueue`` orders by arrival
-and ``seq`` only, for a model where priority should not act.
+sorts last); then arrival, then ``seq``.
 
 Removal is lazy: ``remove`` and ``expire`` only forget the entry's token, and the
 heaps drop stale items when they surface (or when they grow past twice the live
@@ -25,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 LatencyClass = Literal["interactive", "batch"]
-QueuePolicy = Literal["priority", "fcfs"]
 
 _CLASS_RANK = {"interactive": 0, "batch": 1}
 # Heaps are compacted when they hold this many more items than live entries.
@@ -147,20 +144,6 @@ class RequestQueue(ABC):
         self._maybe_compact()
         return out
 
-    def next_deadline(self) -> float | None:
-        """The earliest deadline queued, so the scheduler knows when to ``expire``."""
-        heap = self._by_deadline
-        while heap and self._tokens.get(heap[0][2]) != heap[0][1]:
-            heapq.heappop(heap)
-        return heap[0][0] if heap else None
-
-    def drain(self) -> list[QueueEntry]:
-        """Remove everything, best first (shutdown: fail each with a status)."""
-        out = []
-        while self:
-            out.append(self.pop())
-        return out
-
     def count(self, latency_class: LatencyClass) -> int:
         return self._batch_live if latency_class == "batch" else len(self) - self._batch_live
 
@@ -220,23 +203,6 @@ class PriorityRequestQueue(RequestQueue):
         return (_CLASS_RANK[entry.latency_class], entry.deadline_key, entry.arrival, entry.seq)
 
 
-class FcfsRequestQueue(RequestQueue):
-    """Arrival order only. Shedding and expiry still follow the class and deadline."""
-
-    def _order_key(self, entry: QueueEntry) -> tuple:
-        return (entry.arrival, entry.seq)
-
-
-_POLICIES: dict[str, type[RequestQueue]] = {
-    "priority": PriorityRequestQueue,
-    "fcfs": FcfsRequestQueue,
-}
-
-
-def make_queue(capacity: int, policy: QueuePolicy = "priority") -> RequestQueue:
+def make_queue(capacity: int) -> RequestQueue:
     """One model's queue; ``capacity`` is ``RouterConfig.max_queue_per_model``."""
-    try:
-        cls = _POLICIES[policy]
-    except KeyError:
-        raise ValueError(f"policy: must be one of {sorted(_POLICIES)}, not {policy!r}") from None
-    return cls(capacity)
+    return PriorityRequestQueue(capacity)

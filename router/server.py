@@ -21,7 +21,8 @@ from protos import mesh_pb2_grpc
 from router.admin import AdminServicer
 from router.auth import Authenticator, Gate
 from router.core import RouterCore
-from router.endpoints import AutoscalerSource, EndpointTable, StaticSource
+from router.backends import RouterBackends
+from router.endpoints import AutoscalerSource, EndpointTable, ExternalSource, StaticSource
 from router.metering import Meter, make_meter
 from router.metrics import RouterMetrics
 from router.ratelimit import TenantLimiter
@@ -41,6 +42,9 @@ class RouterOptions:
     # The mesh-internal token for calls to replicas and the autoscaler
     # (cmesh.internal_auth); read from the environment by the entry point only.
     internal_token: str | None = field(default=None, repr=False)
+    # Credentials of oip backends by model (router.backends.oip.secrets_from_env),
+    # read from the environment by the entry point only.
+    backend_secrets: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 class AdminGate(mesh_pb2_grpc.AdminServicer):
@@ -81,25 +85,29 @@ class RouterServer:
             self.source = AutoscalerSource(config.router.autoscaler, self.table, router_id, credentials)
         else:
             self.source = StaticSource(config, self.table)
+        self.external = ExternalSource(config, self.table)       # oip backends' endpoints
         sink = FileAudit(config.security.audit_log) if config.security.audit_log else MemoryAudit()
         self.audit = sink
         self.core = RouterCore(config, self.table, self.meter, self.metrics, warm=self.source.warm,
                                trust=TrustLayer(sink, self.metrics, config.server.limits,
                                                 pool=MaskPool(config.security.mask_workers)),
-                               credentials=credentials)
+                               credentials=credentials,
+                               backends=RouterBackends(config, credentials, options.backend_secrets))
         self.health = _Health()
         self.port = 0
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._http = None
         self._source_task: asyncio.Task | None = None
+        self._external_task: asyncio.Task | None = None
         self.loop_lag: LoopLagProbe | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
         self._server = grpc_server(self.config)
         door = FrontDoor(self.config, self.auth, Gate(self.config, TenantLimiter(self.config.tenants)))
-        manifests = ManifestCache(self.config)      # one reader of the store for metadata and pipelines
+        # One reader of the store (and of external backends' metadata) for metadata and pipelines.
+        manifests = ManifestCache(self.config, describe=self.core.describe)
         describer = Describer(self.core, manifests)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             RouterServicer(self.core, door, self.health, describer), self._server)
@@ -125,6 +133,8 @@ class RouterServer:
                                                       self.metrics.registry)
         self.loop_lag = LoopLagProbe(self.metrics.registry).start()
         self._source_task = asyncio.create_task(self.source.run(), name="endpoint-source")
+        await self.external.refresh()               # DNS names resolved before the first request
+        self._external_task = asyncio.create_task(self.external.run(), name="external-endpoints")
         if isinstance(self.source, AutoscalerSource):
             from router.load_report import LoadReporter
 
@@ -139,7 +149,7 @@ class RouterServer:
         self.health.ready = False
         if self._server is not None:
             await self._server.stop(grace)
-        for task in (self._source_task, self._report_task):
+        for task in (self._source_task, self._report_task, self._external_task):
             if task is not None:
                 task.cancel()
         if self.loop_lag is not None:

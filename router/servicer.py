@@ -54,7 +54,7 @@ class FrontDoor:
         principal = principal or self.auth.authenticate(md.get("authorization"))
         params = decode_parameters(request.parameters)
         now = self._now()
-        self.gate.admit(principal, request.model_name, now, claimed_tenant=md.get("cmesh-tenant", ""))
+        self.gate.admit(principal, request.model_name, now, claimed_tenant=md.get(wire.M_TENANT, ""))
         remaining = context.time_remaining()
         if remaining is None or remaining > 1e9:      # no deadline set by the caller
             remaining = self.config.router.default_timeout_s
@@ -138,8 +138,9 @@ class RouterServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 class Describer:
-    """ModelMetadata through the router: asked of a ready replica; with none (scaled
-    to zero), answered from the model store's manifest when the router can read it."""
+    """ModelMetadata through the router: asked of a ready endpoint through its
+    backend; with none (scaled to zero), answered from the model store's manifest
+    when the router can read it."""
 
     def __init__(self, core: RouterCore, manifests) -> None:
         self.core = core
@@ -147,14 +148,12 @@ class Describer:
 
     async def __call__(self, model: str, version: str) -> pb.ModelMetadataResponse:
         cfg = self.core.config.models[model]
-        address = self.core.replica_address(model)
-        if address is not None:
-            path = self.core._path(address)
-            try:
-                return await path.stub.ModelMetadata(pb.ModelMetadataRequest(name=model, version=version),
-                                                     timeout=10)
-            except grpc.aio.AioRpcError as exc:
-                log.info("metadata from %s failed (%s); using the store", address, exc.code().name)
+        answer = await self.core.describe(model, version)
+        if answer is not None:
+            return answer
+        if cfg.external:
+            raise Unavailable(f"no endpoint of external backend {model!r} answered ModelMetadata",
+                              component=model)
         variants = cfg.variant_sources()
         variant = version or cfg.default_variant()
         if variant not in variants:

@@ -109,7 +109,7 @@ def test_json_shape() -> None:
     assert data["group_by"] == "tenant"
     assert [r["key"] for r in data["rows"]] == ["acme", "globex"]
     assert set(data["rows"][0]) == {"key", "requests", "errors", "input_tokens", "output_tokens",
-                                    "compute_s", "cost"}
+                                    "compute_s", "cost", "external_compute_s"}
     assert data["total"]["requests"] == 22
 
 

@@ -1,4 +1,4 @@
-"""The router's stream data path to one replica (router.replica.StreamPath) on a
+"""The router's stream data path to one replica (router.backends.mesh.StreamPath) on a
 real model server: many requests multiplexed on one bidi stream, and what is
 left behind when that stream ends."""
 import asyncio
@@ -8,7 +8,8 @@ import pytest
 
 from meshtest import mesh_config, running_server, sleep_model
 from protos import inference_pb2 as pb
-from router.replica import BackendError, StreamPath
+from router.backends.base import BackendError
+from router.backends.mesh import StreamPath
 
 
 def request(i: int) -> pb.ModelInferRequest:
@@ -28,7 +29,7 @@ async def test_requests_share_one_stream_and_keep_their_ids(tmp_path) -> None:
     async with running_server(mesh_config(tmp_path, {"m": {"source": source}}), ["m"]) as server:
         path = StreamPath(f"127.0.0.1:{server.port}")
         try:
-            answers = await asyncio.gather(*(path.call_once(request(i), 5.0) for i in range(40)))
+            answers = await asyncio.gather(*(path.call(request(i), 5.0) for i in range(40)))
             assert [a.id for a in answers] == [f"client-{i}" for i in range(40)]
             assert all(np.frombuffer(a.raw_output_contents[0], np.float32)[0] == i for i, a in enumerate(answers))
             assert len(stream_feeders()) == 1       # one stream carried all of them
@@ -47,7 +48,7 @@ async def test_a_stream_the_replica_ends_leaves_no_task_behind(tmp_path) -> None
     # when the replica leaves their table); 1 s is plenty for 30 requests here.
     async with running_server(cfg, ["m"], grace_s=1.0) as server:
         path = StreamPath(f"127.0.0.1:{server.port}")
-        in_flight = [asyncio.create_task(path.call_once(request(i), 5.0)) for i in range(30)]
+        in_flight = [asyncio.create_task(path.call(request(i), 5.0)) for i in range(30)]
         await asyncio.sleep(0.01)
     try:
         answers = await asyncio.gather(*in_flight)
@@ -58,7 +59,7 @@ async def test_a_stream_the_replica_ends_leaves_no_task_behind(tmp_path) -> None
             await asyncio.sleep(0.02)
         assert stream_feeders() == []
         with pytest.raises(BackendError) as info:
-            await path.call_once(request(99), 1.0)
+            await path.call(request(99), 1.0)
         assert info.value.code.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
     finally:
         await path.close()

@@ -90,7 +90,7 @@ def expected_deployments(config: MeshConfig) -> dict[str, tuple[str, str]]:
     """Deployment name -> (model, pool) for every model and pool of the config."""
     prefix = config.autoscaler.kubernetes.deployment_prefix
     return {deployment_name(prefix, model, pool): (model, pool)
-            for model, spec in config.models.items() for pool in pools_of(spec)}
+            for model, spec in config.scaled_models.items() for pool in pools_of(spec)}
 
 
 def scale_patch(desired: int) -> dict:

@@ -118,7 +118,7 @@ class LocalProvider:
         from cmesh.store import ModelStore
 
         store, types = ModelStore(self.config.store), set()
-        for spec in self.config.models.values():
+        for spec in self.config.scaled_models.values():
             for variant in spec.variant_sources().values():
                 try:
                     cfg = store.open(variant.source).local_dir / "config.json"

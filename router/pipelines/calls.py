@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cmesh import wire
 from cmesh.client import build_request
 from cmesh.config import NodeConfig
 from cmesh.errors import InvalidInput
@@ -66,12 +67,12 @@ class NodeCaller:
             final = await self.core.infer(ctx, request)
             outputs = from_outputs(decode_outputs(final))
         p = decode_parameters(final.parameters) if final is not None else {}
-        cold = float(p.get("cmesh-cold-start-ms", 0.0) or 0.0)
-        queue = float(p.get("cmesh-router-queue-ms", 0.0) or 0.0) - cold + float(p.get("cmesh-queue-ms", 0.0) or 0.0)
+        cold = wire.ms(p.get(wire.P_COLD_START_MS))
+        queue = wire.ms(p.get(wire.P_ROUTER_QUEUE_MS)) - cold + wire.ms(p.get(wire.P_QUEUE_MS))
         return NodeResult(outputs=outputs, queue_ms=max(0.0, queue), cold_start_ms=cold,
-                          compute_ms=float(p.get("cmesh-compute-ms", 0.0) or 0.0),
-                          input_tokens=int(p.get("cmesh-input-tokens", 0) or 0),
-                          output_tokens=int(p.get("cmesh-output-tokens", 0) or 0),
+                          compute_ms=wire.ms(p.get(wire.P_COMPUTE_MS)),
+                          input_tokens=int(wire.ms(p.get(wire.P_INPUT_TOKENS))),
+                          output_tokens=int(wire.ms(p.get(wire.P_OUTPUT_TOKENS))),
                           variant=final.model_version if final is not None else "", model_used=model)
 
     def _inputs(self, node: str, config: NodeConfig, manifest: Manifest, env: dict[str, Any]) -> dict:

@@ -1,11 +1,13 @@
-"""Connections from the router to one model-server replica.
+"""The mesh backend: connections from the router to one model-server replica.
 
-Two data paths with one interface, chosen by ``router.data_path``:
+Two data paths behind the one ``Backend`` interface, chosen per model
+(``backend.data_path``, default ``router.data_path``):
 * ``StreamPath`` keeps one long-lived bidi ``ModelStreamInfer`` stream per replica
   and multiplexes every request over it, correlating responses by request id;
 * ``UnaryPath`` makes one ``ModelInfer`` call per request.
 Both raise ``BackendError`` carrying the replica's status code and whether any
-response had started, which decides whether a retry is allowed.
+response had started, which decides whether a retry is allowed. Replica channels
+carry the mesh-internal token (``cmesh.internal_auth``); nothing here leaves the mesh.
 """
 from __future__ import annotations
 
@@ -17,48 +19,22 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from cmesh.errors import MeshError
+from cmesh import wire
 from cmesh.internal_auth import MeshCredentials, open_internal_channel
-from cmesh.tensors import decode_parameters
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from router.backends.base import CHANNEL_OPTIONS, BackendError
 
 log = logging.getLogger(__name__)
 
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20),
-                   ("grpc.max_send_message_length", 64 * 2**20),
-                   ("grpc.keepalive_time_ms", 10_000),
-                   ("grpc.keepalive_timeout_ms", 5_000),
-                   ("grpc.http2.max_pings_without_data", 0)]
-FINAL = "triton_final_response"
+
+def error_from_stream(response: pb.ModelStreamInferResponse, started: bool) -> BackendError:
+    e = wire.error_of_stream(response)
+    return BackendError(e.code, e.message, reason=e.reason, started=started, field=e.field,
+                        retryable=e.retryable, retry_after_ms=e.retry_after_ms)
 
 
-class BackendError(MeshError):
-    """A replica's error, forwarded with its own status code and reason."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, *, reason: str = "", started: bool = False,
-                 retryable: bool | None = None, component: str = "", field: str = "",
-                 retry_after_ms: int = 0) -> None:
-        super().__init__(message, component=component, field=field, retry_after_ms=retry_after_ms)
-        self.code = code                      # instance attributes shadow the class defaults
-        self.reason = reason or code.name.lower()
-        self.retryable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED) \
-            if retryable is None else retryable
-        self.started = started
-        self.caller_deadline = False     # set by the router when the caller's time ran out
-
-
-def _error_from_stream(response: pb.ModelStreamInferResponse, started: bool) -> BackendError:
-    params = decode_parameters(response.infer_response.parameters)
-    code_name, _, message = response.error_message.partition(": ")
-    code = getattr(grpc.StatusCode, str(params.get("cmesh-error-code") or code_name), grpc.StatusCode.INTERNAL)
-    return BackendError(code, message or response.error_message, reason=str(params.get("cmesh-error-reason", "")),
-                        started=started, field=str(params.get("cmesh-error-field", "")),
-                        retryable=params.get("cmesh-retryable"),
-                        retry_after_ms=int(params.get("cmesh-retry-after-ms", 0) or 0))
-
-
-def _error_from_rpc(exc: grpc.aio.AioRpcError, started: bool) -> BackendError:
+def error_from_rpc(exc: grpc.aio.AioRpcError, started: bool) -> BackendError:
     from cmesh.errors import component_error_of
 
     remote = component_error_of(exc)
@@ -106,17 +82,40 @@ class _Mailbox:
         return await self.waiter
 
 
-class UnaryPath:
+class _Describe:
+    """Readiness and metadata, asked of the replica itself (shared by both paths)."""
+
+    address: str
+    stub: pb_grpc.GRPCInferenceServiceStub
+    external = False
+
+    async def ready(self, model: str, version: str = "", timeout: float = 5.0) -> bool:
+        try:
+            answer = await self.stub.ModelReady(pb.ModelReadyRequest(name=model, version=version),
+                                                timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return answer.ready
+
+    async def metadata(self, model: str, version: str = "", timeout: float = 10.0) -> pb.ModelMetadataResponse:
+        try:
+            return await self.stub.ModelMetadata(pb.ModelMetadataRequest(name=model, version=version),
+                                                 timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, started=False) from None
+
+
+class UnaryPath(_Describe):
     def __init__(self, address: str, credentials: MeshCredentials | None = None) -> None:
         self.address = address
         self.channel = open_channel(address, credentials)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
-    async def call_once(self, request: pb.ModelInferRequest, timeout: float) -> pb.ModelInferResponse:
+    async def call(self, request: pb.ModelInferRequest, timeout: float) -> pb.ModelInferResponse:
         try:
             return await self.stub.ModelInfer(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise _error_from_rpc(exc, started=False) from None
+            raise error_from_rpc(exc, started=False) from None
 
     async def stream(self, request: pb.ModelInferRequest, timeout: float) -> AsyncIterator[pb.ModelInferResponse]:
         """Streaming responses (generative models) need the stream RPC even here."""
@@ -125,11 +124,11 @@ class UnaryPath:
         try:
             async for response in call:
                 if response.error_message:
-                    raise _error_from_stream(response, started)
+                    raise error_from_stream(response, started)
                 started = True
                 yield response.infer_response
         except grpc.aio.AioRpcError as exc:
-            raise _error_from_rpc(exc, started) from None
+            raise error_from_rpc(exc, started) from None
         finally:
             call.cancel()
 
@@ -137,7 +136,7 @@ class UnaryPath:
         await self.channel.close(grace=30.0 if graceful else None)
 
 
-class StreamPath:
+class StreamPath(_Describe):
     """One bidi stream per replica, many requests in flight on it."""
 
     def __init__(self, address: str, credentials: MeshCredentials | None = None) -> None:
@@ -225,9 +224,9 @@ class StreamPath:
                 if isinstance(item, grpc.aio.AioRpcError):
                     raise self._broken(item, started)
                 if item.error_message:
-                    raise _error_from_stream(item, started)
+                    raise error_from_stream(item, started)
                 response = item.infer_response
-                final = response.parameters[FINAL].bool_param if FINAL in response.parameters else True
+                final = wire.is_final(response)
                 response.id = client_id
                 started = True
                 yield response
@@ -240,23 +239,29 @@ class StreamPath:
         finally:
             self._done(request, mailbox)
 
-    async def call_once(self, request: pb.ModelInferRequest, timeout: float) -> pb.ModelInferResponse:
-        """One whole answer (the request carries cmesh-collect); a plain coroutine,
-        because unary calls are the hot path and generators cost a hop each."""
-        mailbox = await self._send(request, timeout)
+    async def call(self, request: pb.ModelInferRequest, timeout: float) -> pb.ModelInferResponse:
+        """One whole answer (the request carries cmesh-collect, the answer no stream
+        marker); a plain coroutine, because unary calls are the hot path and
+        generators cost a hop each."""
+        request.parameters[wire.P_COLLECT].bool_param = True
         try:
-            item = await mailbox.get()
+            mailbox = await self._send(request, timeout)
+            try:
+                item = await mailbox.get()
+            finally:
+                self._done(request, mailbox)
         finally:
-            self._done(request, mailbox)
+            # Serialised by now (answered, or failed); a retry may go by another path.
+            del request.parameters[wire.P_COLLECT]
         if item is _TIMEOUT:
             raise BackendError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"replica {self.address} did not answer within the deadline")
         if isinstance(item, grpc.aio.AioRpcError):
             raise self._broken(item, started=False)
         if item.error_message:
-            raise _error_from_stream(item, started=False)
+            raise error_from_stream(item, started=False)
         item.infer_response.id = request.id
-        return item.infer_response
+        return wire.strip_stream_markers(item.infer_response)
 
     def _broken(self, err: grpc.aio.AioRpcError, started: bool) -> BackendError:
         # The shared stream failing is the connection failing (a killed replica
@@ -289,3 +294,26 @@ class StreamPath:
 
 def make_path(kind: str, address: str, credentials: MeshCredentials | None = None):
     return StreamPath(address, credentials) if kind == "stream" else UnaryPath(address, credentials)
+
+
+class MeshBackends:
+    """Mesh replicas' backends, one per (data path, address): a replica hosting
+    models of both data paths gets one connection per path."""
+
+    def __init__(self, credentials: MeshCredentials | None = None) -> None:
+        self.credentials = credentials
+        self._paths: dict[tuple[str, str], StreamPath | UnaryPath] = {}
+
+    def get(self, data_path: str, address: str):
+        key = (data_path, address)
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = make_path(data_path, address, self.credentials)
+        return path
+
+    def retire(self, live: set[str]) -> list:
+        gone = [k for k in self._paths if k[1] not in live]
+        return [self._paths.pop(k) for k in gone]
+
+    def all(self) -> list:
+        return list(self._paths.values())
