@@ -39,7 +39,7 @@ redis:
 # register the protobuf package `inference` too, so it cannot share .venv.
 $(KSERVE_VENV)/.installed:
 	$(PY) -m venv $(KSERVE_VENV)
-	$(KSERVE_VENV)/bin/pip install -q kserve
+	$(KSERVE_VENV)/bin/pip install -q kserve==0.21.0
 	touch $@
 
 kserve-venv: $(KSERVE_VENV)/.installed
