@@ -38,13 +38,18 @@ class _Worker:
             await self.proc.stdin.drain()
             size = HEADER.unpack(await self.proc.stdout.readexactly(HEADER.size))[0]
             answer = pickle.loads(await self.proc.stdout.readexactly(size))
-        except (OSError, asyncio.IncompleteReadError, EOFError) as exc:
-            raise WorkerFailed(str(exc)) from None
+        except (OSError, RuntimeError, asyncio.IncompleteReadError, EOFError) as exc:
+            # RuntimeError: asyncio's "handler is closed" once the worker's pipes are gone.
+            raise WorkerFailed(f"{type(exc).__name__}: {exc} (worker exit code {self.proc.returncode})") from None
         if answer[0] == "ok":
             return answer[1]
         if answer[1] == Malformed.__name__:
             raise Malformed(answer[2])
         raise WorkerFailed(f"{answer[1]}: {answer[2]}")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None and not self.proc.stdin.is_closing()
 
     def close(self) -> None:
         if self.proc.returncode is None:
@@ -89,6 +94,11 @@ class MaskPool:
             await self.start()
             assert self._idle is not None
             worker = await self._idle.get()
+            if not worker.alive:
+                log.error("a trust-layer worker exited (code %s) while idle; starting another",
+                          worker.proc.returncode)
+                self._all.remove(worker)
+                worker = await self._spawn()
             # Shielded: a caller that leaves (client disconnect) must not leave the
             # worker's pipe mid-exchange; the answer is read and the worker reused.
             return await asyncio.shield(self._call(worker, name, args))

@@ -27,14 +27,16 @@ async def test_masks_in_a_worker_and_reports_malformed_data() -> None:
         pool.close()
 
 
-async def test_a_dead_worker_fails_one_call_and_is_replaced() -> None:
+async def test_a_worker_dying_mid_call_fails_that_call_only() -> None:
     pool = MaskPool(workers=1)
     try:
         await pool.start()
-        pool._all[0].proc.kill()
-        await pool._all[0].proc.wait()
+        victim = pool._all[0]
+        call = asyncio.create_task(pool.run("mask_raw", raw("call +44 20 7946 0958 now " * 40_000), 1))
+        await asyncio.sleep(0.05)
+        victim.proc.kill()
         with pytest.raises(Unavailable):
-            await pool.run("mask_raw", raw("x@y.io"), 1)
+            await call
         new, _, _ = await pool.run("mask_raw", raw("x@y.io"), 1)
         assert split_elements(new, 1) == [b"[EMAIL]"]
     finally:
@@ -63,5 +65,20 @@ async def test_waiting_requests_are_bounded() -> None:
         with pytest.raises(ResourceExhausted):
             await pool.run("mask_raw", big, 1)
         await asyncio.gather(*calls)
+    finally:
+        pool.close()
+
+
+async def test_a_worker_that_died_while_idle_is_replaced_before_use() -> None:
+    pool = MaskPool(workers=1)
+    try:
+        await pool.start()
+        dead = pool._all[0]
+        dead.proc.kill()
+        await dead.proc.wait()
+        await asyncio.sleep(0.05)            # let the pipes notice
+        new, _, _ = await pool.run("mask_raw", raw("x@y.io"), 1)
+        assert split_elements(new, 1) == [b"[EMAIL]"]
+        assert pool._all and pool._all[0] is not dead
     finally:
         pool.close()
