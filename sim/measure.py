@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import platform
 import statistics
 import subprocess
@@ -52,12 +53,20 @@ def _params(config: MeshConfig, model: str) -> dict:
     return {}
 
 
-def _spawn(config_path: Path, model: str):
+# The replicas measured here are ours alone: a fresh mesh-internal token for them
+# (when the config asks for one), which every call below sends.
+_TOKEN = secrets.token_urlsafe(32)
+
+
+def _spawn(config_path: Path, model: str, token_env: str | None = None):
     from cmesh.proc import spawn_service
 
+    env = dict(os.environ)
+    if token_env:
+        env[token_env] = _TOKEN
     proc, ready = spawn_service(["-m", "model_server", "--config", str(config_path), "--models", model,
                                  "--port", "0", "--log-level", "WARNING"], stderr=subprocess.DEVNULL,
-                                env=dict(os.environ))
+                                env=env)
     return proc, ready
 
 
@@ -77,7 +86,9 @@ async def _batch_latency(address: str, model: str, inputs: list[dict], params: d
     from cmesh.client import build_request
     from protos import inference_pb2_grpc as pb_grpc
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    from cmesh.internal_auth import MeshCredentials, open_internal_channel
+
+    async with open_internal_channel(address, MeshCredentials(None, _TOKEN)) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         await stub.ModelInfer(build_request(model, inputs[0], parameters=params), timeout=120)   # warm
         samples = []
@@ -92,7 +103,9 @@ async def _batch_latency(address: str, model: str, inputs: list[dict], params: d
 async def _embeddings(address: str) -> list[np.ndarray]:
     from cmesh.client import AsyncClient
 
-    client = AsyncClient(address)
+    from cmesh.internal_auth import HEADER
+
+    client = AsyncClient(address, metadata=[(HEADER, _TOKEN)])
     try:
         out = []
         for t in TEXTS:
@@ -116,7 +129,7 @@ def measure_model(config: MeshConfig, config_path: Path, model: str, *, cold_sta
     colds = []
     for i in range(cold_starts):
         t0 = time.monotonic()
-        proc, ready = _spawn(config_path, model)
+        proc, ready = _spawn(config_path, model, config.security.internal_token_env)
         colds.append(float(ready.get("cold_start_s") or (time.monotonic() - t0)))
         log(f"{model}: cold start {i + 1}/{cold_starts}: {colds[-1]:.3f} s")
         if i + 1 < cold_starts:
@@ -127,7 +140,7 @@ def measure_model(config: MeshConfig, config_path: Path, model: str, *, cold_sta
         if first.datatype == "BYTES":
             inputs = [{first.name: np.array([t.encode()], dtype=object)} for t in TEXTS]
         elif "embedder" in config.models:
-            eproc, eready = _spawn(config_path, "embedder")
+            eproc, eready = _spawn(config_path, "embedder", config.security.internal_token_env)
             try:
                 vecs = asyncio.run(_embeddings(f"127.0.0.1:{eready['port']}"))
             finally:
