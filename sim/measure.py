@@ -81,8 +81,6 @@ def _stop(proc) -> None:
 
 async def _batch_latency(address: str, model: str, inputs: list[dict], params: dict, b: int,
                          repeats: int) -> float:
-    import grpc
-
     from cmesh.client import build_request
     from protos import inference_pb2_grpc as pb_grpc
 
