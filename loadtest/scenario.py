@@ -277,6 +277,21 @@ def class_seed(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
+def class_schedule(scenario: Scenario, cls, rate_scale: float = 1.0,
+                   seed: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One class's arrival times (scenario seconds), the index of each request's text,
+    and the texts: the draw ``arrivals`` and the simulator (``sim.workload``) share."""
+    rng = class_seed(scenario.seed if seed is None else seed, cls.name)
+    shape = class_pieces(scenario, cls)
+    process = cls.process or scenario.process
+    if process.kind == "poisson":
+        times = poisson_thinning(rng, cls.rate_per_s * rate_scale, shape, scenario.duration_s)
+    else:
+        times = renewal_rescaled(rng, cls.rate_per_s * rate_scale, shape, process.cv)
+    texts = cls.texts or list(DEFAULT_TEXTS)
+    return times, rng.integers(0, len(texts), len(times)), texts
+
+
 def arrivals(scenario: Scenario, compress: float = 1.0, rate_scale: float = 1.0) -> list[Arrival]:
     """The open-loop schedule: every request, in time order. ``rate_scale`` multiplies
     every class's rate (the same shape at a fraction of the load): with
@@ -288,15 +303,7 @@ def arrivals(scenario: Scenario, compress: float = 1.0, rate_scale: float = 1.0)
         raise ScenarioError("rate_scale", ["rate_scale: must be > 0"])
     rows: list[tuple[float, int, Arrival]] = []
     for order, cls in enumerate(scenario.classes):
-        rng = class_seed(scenario.seed, cls.name)
-        shape = class_pieces(scenario, cls)
-        process = cls.process or scenario.process
-        if process.kind == "poisson":
-            times = poisson_thinning(rng, cls.rate_per_s * rate_scale, shape, scenario.duration_s)
-        else:
-            times = renewal_rescaled(rng, cls.rate_per_s * rate_scale, shape, process.cv)
-        texts = cls.texts or list(DEFAULT_TEXTS)
-        picks = rng.integers(0, len(texts), len(times))
+        times, picks, texts = class_schedule(scenario, cls, rate_scale)
         pipeline_id = cls.pipeline_id or (cls.pipeline if cls.pipeline is not None else f"replay-{scenario.name}")
         for t, pick in zip(times.tolist(), picks.tolist()):
             rows.append((t, order, Arrival(

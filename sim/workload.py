@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cmesh.config import MeshConfig
-from loadtest.scenario import (DEFAULT_TEXTS, Scenario, class_pieces, class_seed, load_scenario,
-                               poisson_thinning, renewal_rescaled)
+from loadtest.scenario import Scenario, class_schedule, load_scenario
 
 
 @dataclass
@@ -62,17 +61,9 @@ def from_scenario(scenario: Scenario | str | Path, *, compress: float = 1.0, rat
         raise ValueError("compress and rate_scale must be > 0")
     streams = []
     for cls in scenario.classes:
-        rng = class_seed(scenario.seed if seed is None else seed, cls.name)
-        shape = class_pieces(scenario, cls)
-        process = cls.process or scenario.process
-        if process.kind == "poisson":
-            times = poisson_thinning(rng, cls.rate_per_s * rate_scale, shape, scenario.duration_s)
-        else:
-            times = renewal_rescaled(rng, cls.rate_per_s * rate_scale, shape, process.cv)
-        texts = tuple(cls.texts or DEFAULT_TEXTS)
-        picks = rng.integers(0, len(texts), len(times))
+        times, picks, texts = class_schedule(scenario, cls, rate_scale, seed)
         streams.append(Stream(cls.name, cls.target_kind, cls.target, cls.latency_class,
-                              np.asarray(times, dtype=float) / compress, picks, texts))
+                              np.asarray(times, dtype=float) / compress, picks, tuple(texts)))
     return Workload(scenario.name, scenario.duration_s / compress, streams)
 
 
