@@ -43,8 +43,14 @@ class Backoff:
         if self.multiplier < 1 or not 0 <= self.jitter < 1:
             raise ValueError("multiplier must be >= 1 and jitter in [0, 1)")
 
+    def delay(self, failures: int) -> float:
+        """The un-jittered delay after ``failures`` failures in a row (pure): ``initial_s``
+        after the first, times ``multiplier`` per further one, at most ``max_s``."""
+        exponent = min(max(failures, 1) - 1, 64)        # no float overflow on long outages
+        return min(self.max_s, self.initial_s * self.multiplier ** exponent)
+
     def next(self) -> float:
-        ceiling = min(self.max_s, self.initial_s * self.multiplier ** self.attempt)
+        ceiling = self.delay(self.attempt + 1)
         if ceiling < self.max_s:
             self.attempt += 1                  # stop counting at the ceiling: no overflow
         return ceiling * (1.0 - self.jitter * self.rng.random())

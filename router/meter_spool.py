@@ -56,6 +56,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from cmesh.backoff import Backoff
 from cmesh.errors import MeshError
 from router.metering import DEFAULT_EVENTS_PAGE, Meter, MeterEvent, MeterRow, StoredEvent
 
@@ -65,23 +66,9 @@ DEFAULT_CAPACITY = 200_000
 DEFAULT_BATCH = 256
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Delay before the next probe after ``failures`` failed ones in a row (pure)."""
-
-    initial_s: float = 0.1
-    max_s: float = 2.0
-    factor: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.initial_s <= self.max_s:
-            raise ValueError("backoff: need 0 < initial_s <= max_s")
-        if self.factor < 1:
-            raise ValueError("backoff.factor: must be >= 1")
-
-    def delay(self, failures: int) -> float:
-        exponent = min(max(failures, 1) - 1, 64)        # no float overflow on long outages
-        return min(self.max_s, self.initial_s * self.factor ** exponent)
+# The replay probe's delays: 0.1 s after the first failure, doubling to 2 s, no
+# jitter (one probe per router, nothing to spread out); ``Backoff.delay`` is pure.
+REPLAY_BACKOFF = Backoff(initial_s=0.1, max_s=2.0, multiplier=2.0, jitter=0.0)
 
 
 @dataclass(frozen=True)
@@ -126,7 +113,7 @@ class SpooledMeter:
     """A ``Meter`` that spools what ``inner`` refuses and replays it when ``inner`` is back."""
 
     def __init__(self, inner: Meter, *, capacity: int = DEFAULT_CAPACITY,
-                 batch_size: int = DEFAULT_BATCH, backoff: Backoff = Backoff(),
+                 batch_size: int = DEFAULT_BATCH, backoff: Backoff = REPLAY_BACKOFF,
                  close_timeout_s: float = 3.0, metrics: SpoolMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,

@@ -17,7 +17,8 @@ from cmesh.errors import Internal, Unavailable
 from loadtest.chaos_metering import RedisProcess
 from protos import mesh_pb2, mesh_pb2_grpc
 from router.admin import AdminServicer
-from router.meter_spool import Backoff, SpooledMeter
+from cmesh.backoff import Backoff
+from router.meter_spool import REPLAY_BACKOFF, SpooledMeter
 from router.metering import MemoryMeter, Meter, MeterEvent, RedisMeter, make_meter
 from router.metrics import RouterMetrics
 
@@ -147,8 +148,8 @@ def test_spooled_meter_is_a_meter_and_make_meter_builds_it(redis_url) -> None:
 
 
 def test_backoff_doubles_to_its_cap() -> None:
-    assert [Backoff().delay(n) for n in range(1, 8)] == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
-    assert Backoff().delay(10_000) == 2.0
+    assert [REPLAY_BACKOFF.delay(n) for n in range(1, 8)] == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    assert REPLAY_BACKOFF.delay(10_000) == 2.0
     with pytest.raises(ValueError):
         Backoff(initial_s=0)
 
