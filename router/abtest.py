@@ -23,7 +23,6 @@ import hashlib
 import random
 from collections.abc import Mapping
 
-from cmesh.config import ModelConfig
 
 _SCALE = float(1 << 64)
 
@@ -57,7 +56,3 @@ def choose_variant(variants: Mapping[str, float], session: str | None, rng: rand
             return name
     return names[-1]          # rounding put the point on the very end
 
-
-def variant_weights(model: ModelConfig) -> dict[str, float]:
-    """name -> weight for a model (one variant, 'default', when it has none)."""
-    return {name: v.weight for name, v in model.variant_sources().items()}

@@ -16,7 +16,8 @@ from cmesh.tensors import decode_parameters
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from router.auth import Authenticator, Gate, Principal
-from router.core import P_CLASS, P_PIPELINE, P_REQUEST_ID, P_SESSION, CallContext, RouterCore
+from router.call import Call
+from router.core import RouterCore
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,10 @@ def metadata_of(context: grpc.aio.ServicerContext) -> dict[str, str]:
 
 
 class FrontDoor:
-    """Turns a call's metadata and parameters into an authenticated CallContext."""
+    """Decodes and validates a call once: who is calling (authentication, the
+    tenant's rate limit and model rights), the ids, latency class, session and
+    deadline, into the typed ``Call`` the core runs. Nothing downstream parses the
+    request's parameters again."""
 
     def __init__(self, config: MeshConfig, auth: Authenticator, gate: Gate,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -48,13 +52,14 @@ class FrontDoor:
     def principal(self, context: grpc.aio.ServicerContext) -> Principal:
         return self.auth.authenticate(metadata_of(context).get("authorization"))
 
-    def context(self, context: grpc.aio.ServicerContext, request: pb.ModelInferRequest,
-                principal: Principal | None = None) -> CallContext:
+    def call(self, context: grpc.aio.ServicerContext, request: pb.ModelInferRequest,
+             principal: Principal | None = None) -> Call:
         md = metadata_of(context)
         principal = principal or self.auth.authenticate(md.get("authorization"))
-        params = decode_parameters(request.parameters)
         now = self._now()
         self.gate.admit(principal, request.model_name, now, claimed_tenant=md.get(wire.M_TENANT, ""))
+        require_public(self.config, request.model_name)
+        params = decode_parameters(request.parameters)
         remaining = context.time_remaining()
         if remaining is None or remaining > 1e9:      # no deadline set by the caller
             remaining = self.config.router.default_timeout_s
@@ -69,9 +74,10 @@ class FrontDoor:
             # Metadata wins over the parameter of the same name.
             return wire.text(key, md.get(key) or params.get(key), limit)
 
-        return CallContext(principal=principal, pipeline=pick(P_PIPELINE),
-                           latency_class=wire.latency_class(pick(P_CLASS)), session=pick(P_SESSION),
-                           request_id=pick(P_REQUEST_ID), deadline=now + remaining, params=params)
+        return Call(principal=principal, model=request.model_name, request=request, deadline=now + remaining,
+                    request_id=pick(wire.P_REQUEST_ID), latency_class=wire.latency_class(pick(wire.P_CLASS)),
+                    pipeline=pick(wire.P_PIPELINE), session=pick(wire.P_SESSION),
+                    version=request.model_version)
 
 
 def require_public(config: MeshConfig, model: str) -> None:
@@ -102,9 +108,10 @@ class RouterServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         self.door.principal(context)
         require_public(self.core.config, request.name)
-        # A model with no replica is still servable: the router holds the request
-        # and the autoscaler warms it. Unknown models are never ready.
-        return pb.ModelReadyResponse(ready=self.health.ready and request.name in self.core.config.models)
+        # A mesh model with no replica is still servable (the router holds the call
+        # and the autoscaler warms it); an external one asks its endpoints.
+        return pb.ModelReadyResponse(ready=self.health.ready and await self.core.ready(request.name,
+                                                                                      request.version))
 
     @guarded
     async def ModelMetadata(self, request, context):
@@ -116,9 +123,7 @@ class RouterServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @guarded
     async def ModelInfer(self, request, context):
-        ctx = self.door.context(context, request)
-        require_public(self.core.config, request.model_name)
-        return await self.core.infer(ctx, request)
+        return await self.core.infer(self.door.call(context, request))
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         try:
@@ -128,9 +133,7 @@ class RouterServicer(pb_grpc.GRPCInferenceServiceServicer):
             return
 
         async def answer(request: pb.ModelInferRequest, emit) -> None:
-            ctx = self.door.context(context, request, principal)
-            require_public(self.core.config, request.model_name)
-            async for response in self.core.stream(ctx, request):
+            async for response in self.core.stream(self.door.call(context, request, principal)):
                 await emit(pb.ModelStreamInferResponse(infer_response=response))
 
         async for response in serve_stream(request_iterator, answer, what="routed stream request"):

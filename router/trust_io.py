@@ -70,9 +70,11 @@ class TrustLayer:
         self.inline_bytes = inline_bytes
         self._wall = wall
 
-    async def apply(self, request: pb.ModelInferRequest, ctx, model: str, counts: list[int]) -> dict[str, int]:
-        """Mask every text input in place; ``counts`` are the element counts that
-        ``cmesh.tensors.check_request`` validated. Returns the masked counts per kind."""
+    async def apply(self, call, counts: list[int]) -> dict[str, int]:
+        """Mask every text input of a ``router.call.Call`` in place; ``counts`` are the
+        element counts that ``cmesh.tensors.check_request`` validated. Returns the
+        masked counts per kind."""
+        request = call.request
         inputs = request.inputs
         texts = [i for i in range(len(inputs)) if inputs[i].datatype == "BYTES"]
         if not texts:
@@ -102,10 +104,10 @@ class TrustLayer:
             totals.update(found)
             saw_text = saw_text or text
         if saw_text:
-            self._account(ctx, model, totals)
+            self._account(call, totals)
         return dict(totals)
 
-    async def mask_outputs(self, response: pb.ModelInferResponse, ctx, model: str,
+    async def mask_outputs(self, response: pb.ModelInferResponse, call,
                            fields: tuple[str, ...] = ()) -> dict[str, int]:
         """Mask the text outputs of a response (the model's ``trust.mask_outputs``)."""
         raws = response.raw_output_contents
@@ -120,7 +122,7 @@ class TrustLayer:
                 raws[i] = new
             totals.update(found)
         if sum(totals.values()):
-            self._account(ctx, model, totals)
+            self._account(call, totals)
         return dict(totals)
 
     async def _run(self, size: int, tensor: str, name: str, *args):
@@ -131,9 +133,9 @@ class TrustLayer:
         except Malformed as exc:
             raise InvalidInput(tensor, str(exc)) from None
 
-    def _account(self, ctx, model: str, totals: Counter) -> None:
+    def _account(self, call, totals: Counter) -> None:
         self.metrics.masked(totals)
-        self.sink.write(build_audit_record(request_id=ctx.request_id, tenant=ctx.principal.tenant,
-                                           model=model, pipeline=ctx.pipeline,
+        self.sink.write(build_audit_record(request_id=call.request_id, tenant=call.principal.tenant,
+                                           model=call.model, pipeline=call.pipeline,
                                            counts={k: n for k, n in totals.items() if k in KINDS},
                                            timestamp=self._wall()))

@@ -164,3 +164,11 @@ class IdleProvider:
 
     async def close(self):
         return None
+
+
+def in_flight_address(core, model: str) -> str | None:
+    """The address of a replica now serving a request of the model, if any (the
+    router core's dispatcher counts what it has in flight per replica)."""
+    dispatcher = core.dispatchers.get(model)
+    busy = {rid for rid, n in (dispatcher.in_flight.items() if dispatcher else ()) if n}
+    return next((r.address for r in core.table.replicas(model) if r.id in busy), None)

@@ -7,7 +7,7 @@ import signal
 
 import grpc
 
-from meshtest import ServerProcess, identity_text_model, mesh_config, running_router, running_server, write_config
+from meshtest import ServerProcess, identity_text_model, in_flight_address, mesh_config, running_router, running_server, write_config
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from protos import mesh_pb2, mesh_pb2_grpc
@@ -35,7 +35,7 @@ async def test_streamed_node_of_a_unary_run_is_retried_when_its_replica_dies(dem
                 runs = [asyncio.create_task(run(i)) for i in range(8)]
                 victim = None
                 for _ in range(2000):               # until a replica holds a request
-                    busy = router.core.in_flight_address("llm")
+                    busy = in_flight_address(router.core, "llm")
                     if busy is not None:
                         victim = first if busy == first.address else second
                         break

@@ -4,8 +4,7 @@ from collections import Counter
 
 import pytest
 
-from cmesh.config import ModelConfig
-from router.abtest import choose_variant, session_point, variant_weights
+from router.abtest import choose_variant, session_point
 
 SESSIONS = [f"session-{i}" for i in range(20_000)]
 
@@ -67,11 +66,7 @@ def test_salt_decorrelates_experiments() -> None:
     assert 0.45 < agree < 0.55
 
 
-def test_weights_from_config_and_validation() -> None:
-    model = ModelConfig(variants={"a": {"source": "store://x/1", "weight": 3},
-                                  "b": {"source": "store://x/2", "weight": 1}})
-    assert variant_weights(model) == {"a": 3, "b": 1}
-    assert variant_weights(ModelConfig(source="store://x/1")) == {"default": 1.0}
+def test_weight_validation() -> None:
     rng = random.Random(0)
     with pytest.raises(ValueError, match="empty"):
         choose_variant({}, "s", rng)

@@ -12,7 +12,8 @@ import pytest
 from cmesh.client import build_request
 from cmesh.errors import MeshError
 from router.auth import Principal
-from router.core import CallContext, RouterCore
+from router.call import Call
+from router.core import RouterCore
 from router.endpoints import EndpointTable, ReplicaInfo
 from router.metering import MemoryMeter
 from router.metrics import RouterMetrics
@@ -41,9 +42,9 @@ def make_core(models: dict, replicas: dict[str, list[ReplicaInfo]], *, clock=tim
     return core, table, backends
 
 
-def ctx(core: RouterCore, request_id: str = "", timeout_s: float = 5.0, **kw) -> CallContext:
-    return CallContext(principal=Principal("acme"), request_id=request_id,
-                       deadline=core._now() + timeout_s, **kw)
+def call(core: RouterCore, request_id: str = "", timeout_s: float = 5.0, model: str = "m", **kw) -> Call:
+    return Call(principal=Principal("acme"), model=model, request=build_request(model, X), request_id=request_id,
+                deadline=core._now() + timeout_s, **kw)
 
 
 def metric(core: RouterCore, name: str, **labels) -> float:
@@ -63,7 +64,7 @@ def reps(*addresses: str, pool: str = "serverless", kind: str = "mesh") -> list[
 async def test_retry_goes_to_another_backend_before_the_response_started():
     core, _, backends = make_core(SERVERLESS, {"m": reps("a", "b")})
     backends["a"].script.append(fail("UNAVAILABLE"))      # equal load: "a" is tried first (by id)
-    answer = await core.infer(ctx(core, "r2"), build_request("m", X))
+    answer = await core.infer(call(core, "r2"))
     assert served_by(answer) == "b"
     assert answer.parameters["cmesh-attempts"].int64_param == 2
     await core.close()
@@ -74,7 +75,7 @@ async def test_no_retry_once_the_response_started():
     backends["a"].script.append(("stream", 1, fail("UNAVAILABLE")))
     got = []
     with pytest.raises(MeshError) as info:
-        async for response in core.stream(ctx(core), build_request("m", X)):
+        async for response in core.stream(call(core)):
             got.append(response)
     assert info.value.code.name == "UNAVAILABLE" and len(got) == 1
     assert not backends["b"].calls                     # never retried elsewhere
@@ -93,7 +94,7 @@ async def test_retry_budget_caps_extra_attempts():
     errors = []
     for i in range(3):
         with pytest.raises(MeshError) as info:
-            await core.infer(ctx(core, f"r{i}"), build_request("m", X))
+            await core.infer(call(core, f"r{i}"))
         errors.append(info.value.code.name)
     attempts = sum(len(backends[b].calls) for b in "abc")
     assert errors == ["UNAVAILABLE"] * 3
@@ -106,7 +107,7 @@ async def test_not_retryable_codes_are_not_retried():
     core, _, backends = make_core(SERVERLESS, {"m": reps("a", "b")})
     backends["a"].default = backends["b"].default = fail("INVALID_ARGUMENT")
     with pytest.raises(MeshError) as info:
-        await core.infer(ctx(core), build_request("m", X))
+        await core.infer(call(core))
     assert info.value.code.name == "INVALID_ARGUMENT"
     assert len(backends["a"].calls) + len(backends["b"].calls) == 1
     await core.close()
@@ -120,17 +121,17 @@ async def test_breaker_opens_on_backend_failures_and_closes_after_a_good_probe()
     backends["a"].default = fail("INTERNAL")
     for i in range(3):
         with pytest.raises(MeshError):
-            await core.infer(ctx(core, f"f{i}"), build_request("m", X))
+            await core.infer(call(core, f"f{i}"))
     with pytest.raises(MeshError) as info:
-        await core.infer(ctx(core, "open"), build_request("m", X))
+        await core.infer(call(core, "open"))
     assert info.value.reason == "breaker_open" and info.value.code.name == "UNAVAILABLE"
     assert len(backends["a"].calls) == 3               # the open breaker sent nothing
     assert metric(core, "cmesh_router_breaker_state", component="m:default") == 2
     clock.advance(5.1)
     backends["a"].default = "ok"
-    await core.infer(ctx(core, "probe"), build_request("m", X))      # half-open probe succeeds
+    await core.infer(call(core, "probe"))      # half-open probe succeeds
     assert metric(core, "cmesh_router_breaker_state", component="m:default") == 0
-    await core.infer(ctx(core, "after"), build_request("m", X))
+    await core.infer(call(core, "after"))
     await core.close()
 
 
@@ -141,9 +142,9 @@ async def test_breaker_verdicts_ignore_bad_input_and_the_callers_own_deadline():
     backends["a"].default = fail("INVALID_ARGUMENT")
     for i in range(4):                                  # a sensible answer to bad input
         with pytest.raises(MeshError):
-            await core.infer(ctx(core, f"bad{i}"), build_request("m", X))
+            await core.infer(call(core, f"bad{i}"))
     backends["a"].default = "ok"
-    await core.infer(ctx(core, "good"), build_request("m", X))       # the breaker stayed closed
+    await core.infer(call(core, "good"))       # the breaker stayed closed
     assert metric(core, "cmesh_router_breaker_state", component="m:default") == 0
     await core.close()
 
@@ -155,13 +156,13 @@ async def test_outlier_ejection_takes_a_failing_backend_out_of_rotation():
                                   breaker={"failure_threshold": 100})
     backends["a"].default = fail("UNAVAILABLE")
     for i in range(6):
-        answer = await core.infer(ctx(core, f"r{i}"), build_request("m", X))
+        answer = await core.infer(call(core, f"r{i}"))
         assert served_by(answer) != "a"
     assert core.outliers.is_ejected("a", core._now())
     assert metric(core, "cmesh_router_outlier_ejections_total", model="m") == 1
     calls_before = len(backends["a"].calls)
     for i in range(8):
-        await core.infer(ctx(core, f"s{i}"), build_request("m", X))
+        await core.infer(call(core, f"s{i}"))
     assert len(backends["a"].calls) == calls_before    # ejected: no more traffic
     await core.close()
 
@@ -173,9 +174,9 @@ async def test_spill_over_to_an_external_pool_when_the_dedicated_pool_is_past_it
                                                *reps("oip-1", pool="serverless", kind="oip")]},
                                   backends=backends)
     backends["mesh-1"].default = gate                   # hold the dedicated replica busy
-    first = asyncio.create_task(core.infer(ctx(core, "r1"), build_request("m", X)))
+    first = asyncio.create_task(core.infer(call(core, "r1")))
     await asyncio.sleep(0)
-    second = await core.infer(ctx(core, "r2"), build_request("m", X))   # 1 of 2 in flight = threshold
+    second = await core.infer(call(core, "r2"))   # 1 of 2 in flight = threshold
     assert served_by(second) == "oip-1"
     assert metric(core, "cmesh_router_spillover_total", model="m") == 1
     gate.set()
@@ -190,7 +191,7 @@ async def test_spill_over_to_an_external_pool_when_the_dedicated_pool_is_past_it
 
 async def test_hold_at_zero_replicas_then_release_when_one_is_ready():
     core, table, backends = make_core(SERVERLESS, {})
-    task = asyncio.create_task(core.infer(ctx(core, "held"), build_request("m", X)))
+    task = asyncio.create_task(core.infer(call(core, "held")))
     for _ in range(20):
         await asyncio.sleep(0)
         if core.warmed:
@@ -206,7 +207,7 @@ async def test_hold_at_zero_replicas_then_release_when_one_is_ready():
 async def test_hold_ends_unavailable_at_the_deadline():
     core, _, _ = make_core(SERVERLESS, {}, hold_timeout_s=0.05)
     with pytest.raises(MeshError) as info:
-        await core.infer(ctx(core, "held", timeout_s=0.05), build_request("m", X))
+        await core.infer(call(core, "held", timeout_s=0.05))
     assert info.value.code.name == "UNAVAILABLE" and info.value.reason == "no_replica"
     await core.close()
 
@@ -214,11 +215,11 @@ async def test_hold_ends_unavailable_at_the_deadline():
 async def test_every_request_is_metered_exactly_once_by_request_id():
     core, _, backends = make_core(SERVERLESS, {"m": reps("a", "b")}, retry={"backoff_ms": 0})
     backends["a"].script.append(fail("UNAVAILABLE"))    # r1 needs a retry: still one event
-    await core.infer(ctx(core, "r1"), build_request("m", X))
-    await core.infer(ctx(core, "r1"), build_request("m", X))      # a client's own retry, same id
+    await core.infer(call(core, "r1"))
+    await core.infer(call(core, "r1"))      # a client's own retry, same id
     backends["a"].default = backends["b"].default = fail("INTERNAL")
     with pytest.raises(MeshError):
-        await core.infer(ctx(core, "r2"), build_request("m", X))
+        await core.infer(call(core, "r2"))
     await core.flush_metering()
     rows = await core.meter.rows()
     assert {(r.status, r.requests) for r in rows} == {("OK", 1), ("INTERNAL", 1)}
@@ -227,7 +228,7 @@ async def test_every_request_is_metered_exactly_once_by_request_id():
 
 async def test_unary_answers_carry_no_stream_marker_and_timings_are_text():
     core, _, backends = make_core(SERVERLESS, {"m": reps("a")})
-    answer = await core.infer(ctx(core), build_request("m", X))
+    answer = await core.infer(call(core))
     assert "triton_final_response" not in answer.parameters
     for key in ("cmesh-router-queue-ms", "cmesh-compute-ms"):
         assert answer.parameters[key].WhichOneof("parameter_choice") == "string_param"

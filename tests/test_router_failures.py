@@ -10,8 +10,8 @@ import pytest
 
 from cmesh.client import AsyncClient, build_request
 from cmesh.errors import component_error_of
-from meshtest import (ServerProcess, free_port, mesh_config, running_router, running_server, sleep_model,
-                      write_config)
+from meshtest import (ServerProcess, free_port, in_flight_address, mesh_config, running_router, running_server,
+                      sleep_model, write_config)
 from router.metering import RedisMeter
 
 
@@ -68,7 +68,7 @@ async def test_no_retry_once_a_streamed_response_has_started(demo_store, tmp_pat
                     break
                 got_tokens += 1
                 if got_tokens == 1:
-                    victim = first if router.core.in_flight_address("llm") == first.address else second
+                    victim = first if in_flight_address(router.core, "llm") == first.address else second
                     victim.proc.send_signal(signal.SIGKILL)
             await client.close()
             assert got_tokens >= 1 and error.startswith("UNAVAILABLE"), (got_tokens, error)

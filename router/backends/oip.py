@@ -99,6 +99,11 @@ class OipBackend:
     def _error(self, exc: grpc.aio.AioRpcError, started: bool) -> BackendError:
         err = error_from_rpc(exc, started)
         err.message = f"oip backend {self.address}: {err.message}"
+        if err.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            # The server refused *our* credential, not the caller's: a gateway fault
+            # (like Envoy's 503 for an upstream that rejects it), judged by the breaker.
+            err.message = f"{err.message} (the backend refused the mesh's credential: {err.code.name})"
+            err.code, err.reason, err.retryable = grpc.StatusCode.UNAVAILABLE, "backend_credential_refused", False
         if err.code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and not started:
             err.retryable = False
         return err

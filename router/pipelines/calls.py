@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cmesh import wire
 from cmesh.client import build_request
 from cmesh.config import NodeConfig
 from cmesh.errors import InvalidInput
@@ -19,9 +18,10 @@ from cmesh.expr import ExprError, evaluate, parse
 from cmesh.pipeline_check import render_params
 from cmesh.manifest import Manifest
 from router.manifests import ManifestCache
-from cmesh.tensors import decode_outputs, decode_parameters
+from cmesh.tensors import decode_outputs
 from router.auth import Principal
-from router.core import CallContext, RouterCore
+from router.call import Call
+from router.core import RouterCore
 from router.pipelines.values import from_outputs, to_tensor
 
 
@@ -48,14 +48,14 @@ class NodeCaller:
             params = render_params(config.params, env)     # every string inside, nested too
         except ExprError as exc:
             raise InvalidInput("params", str(exc), node=node, pipeline=self.pipeline) from None
-        request = build_request(model, inputs, parameters=params)
-        ctx = CallContext(principal=self.principal, pipeline=self.pipeline, latency_class=self.latency_class,
-                          session=self.session, request_id=f"{self.request_id}/{node}", deadline=deadline)
+        # The node's own parameters go to the model; the call's ids, class and
+        # deadline are typed fields the core never parses back out of them.
+        call = Call(principal=self.principal, model=model, request=build_request(model, inputs, parameters=params),
+                    deadline=deadline, request_id=f"{self.request_id}/{node}", latency_class=self.latency_class,
+                    pipeline=self.pipeline, session=self.session)
         pieces: list[str] = []
-        final = None
         if on_token is not None:
-            async for response in self.core.stream(ctx, request):
-                final = response
+            async for response in self.core.stream(call):
                 for piece in decode_outputs(response).values():
                     text = "".join(v.decode("utf-8", errors="replace") for v in piece.reshape(-1))
                     pieces.append(text)
@@ -64,16 +64,12 @@ class NodeCaller:
                         await result
             outputs = {manifest.outputs[0].name: "".join(pieces), "output": "".join(pieces)}
         else:
-            final = await self.core.infer(ctx, request)
-            outputs = from_outputs(decode_outputs(final))
-        p = decode_parameters(final.parameters) if final is not None else {}
-        cold = wire.ms(p.get(wire.P_COLD_START_MS))
-        queue = wire.ms(p.get(wire.P_ROUTER_QUEUE_MS)) - cold + wire.ms(p.get(wire.P_QUEUE_MS))
-        return NodeResult(outputs=outputs, queue_ms=max(0.0, queue), cold_start_ms=cold,
-                          compute_ms=wire.ms(p.get(wire.P_COMPUTE_MS)),
-                          input_tokens=int(wire.ms(p.get(wire.P_INPUT_TOKENS))),
-                          output_tokens=int(wire.ms(p.get(wire.P_OUTPUT_TOKENS))),
-                          variant=final.model_version if final is not None else "", model_used=model)
+            outputs = from_outputs(decode_outputs(await self.core.infer(call)))
+        acc = call.accounting        # decoded once by the core, also what it metered
+        return NodeResult(outputs=outputs, queue_ms=max(0.0, acc.router_queue_ms - acc.cold_start_ms + acc.queue_ms),
+                          cold_start_ms=acc.cold_start_ms, compute_ms=acc.compute_ms,
+                          input_tokens=acc.input_tokens, output_tokens=acc.output_tokens,
+                          variant=acc.variant, model_used=model)
 
     def _inputs(self, node: str, config: NodeConfig, manifest: Manifest, env: dict[str, Any]) -> dict:
         specs = {s.name: s for s in manifest.inputs}
