@@ -16,6 +16,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="path to mesh.yaml")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="gRPC port; 0 picks a free one (default 8000)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible HTTP API (/v1/...) on this port; 0 picks a free one")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port; 0 picks a free one")
     p.add_argument("--autoscaler", default=None, help="host:port of the autoscaler (overrides the config)")
     p.add_argument("--redis", default=None, help="Redis URL for metering (default: config, then $REDIS_URL)")
@@ -35,6 +37,7 @@ async def serve(args: argparse.Namespace) -> int:
     from router.backends.oip import secrets_from_env
 
     server = RouterServer(config, RouterOptions(host=args.host, port=args.port, metrics_port=args.metrics_port,
+                                                http_port=args.http_port,
                                                 internal_token=token_from_env(config, os.environ),
                                                 backend_secrets=secrets_from_env(config, os.environ)))
     stop = asyncio.Event()
@@ -45,7 +48,8 @@ async def serve(args: argparse.Namespace) -> int:
     from cmesh.proc import settle_heap
 
     settle_heap()
-    print(json.dumps({"event": "ready", "port": server.port, "metrics_port": server.metrics_port,
+    print(json.dumps({"event": "ready", "port": server.port, "http_port": server.http_port,
+                      "metrics_port": server.metrics_port,
                       "metering": "redis" if config.redis_url else "memory",
                       "endpoints": "autoscaler" if config.router.autoscaler else "static"}), flush=True)
     await stop.wait()

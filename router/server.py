@@ -45,6 +45,8 @@ class RouterOptions:
     # Credentials of oip backends by model (router.backends.oip.secrets_from_env),
     # read from the environment by the entry point only.
     backend_secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    # The OpenAI-compatible HTTP front door (router.openai); None: not served.
+    http_port: int | None = None
 
 
 class AdminGate(mesh_pb2_grpc.AdminServicer):
@@ -95,6 +97,8 @@ class RouterServer:
                                backends=RouterBackends(config, credentials, options.backend_secrets))
         self.health = _Health()
         self.port = 0
+        self.http_port: int | None = None
+        self.openai = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._http = None
@@ -112,16 +116,15 @@ class RouterServer:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             RouterServicer(self.core, door, self.health, describer), self._server)
         from router.pipelines.metrics import PipelineMetrics
-        from router.pipelines.service import PipelinesServicer
+        from router.pipelines.service import PipelineRunner, PipelinesServicer
 
         if self.config.observability.tracing != "none":
             from router.pipelines.otel import SpanExport
 
             self.spans = SpanExport(self.config.observability)
-        mesh_pb2_grpc.add_PipelinesServicer_to_server(
-            PipelinesServicer(self.core, door, PipelineMetrics(self.metrics.registry), manifests,
-                              spans=self.spans),
-            self._server)
+        pipelines = PipelineRunner(self.core, door, PipelineMetrics(self.metrics.registry), manifests,
+                                   spans=self.spans)
+        mesh_pb2_grpc.add_PipelinesServicer_to_server(PipelinesServicer(pipelines), self._server)
         mesh_pb2_grpc.add_AdminServicer_to_server(
             AdminGate(AdminServicer(self.meter, self.config), self.auth), self._server)
         health_servicer = health.aio.HealthServicer()
@@ -129,6 +132,12 @@ class RouterServer:
         self.port = add_port(self._server, f"{self.options.host}:{self.options.port}",
                              self.config.security.server_tls)
         await self._server.start()
+        if self.options.http_port is not None:
+            from router.openai.app import OpenAIFrontDoor
+
+            self.openai = OpenAIFrontDoor(self.core, door, pipelines, manifests)
+            self.http_port = await self.openai.start(self.options.host, self.options.http_port,
+                                                     self.config.security.server_tls)
         self._http, self.metrics_port = start_metrics(self.options.metrics_port, self.options.host,
                                                       self.metrics.registry)
         self.loop_lag = LoopLagProbe(self.metrics.registry).start()
@@ -147,6 +156,8 @@ class RouterServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         self.health.ready = False
+        if self.openai is not None:
+            await self.openai.stop(grace)
         if self._server is not None:
             await self._server.stop(grace)
         for task in (self._source_task, self._report_task, self._external_task):

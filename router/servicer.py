@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
 
@@ -54,17 +54,21 @@ class FrontDoor:
 
     def call(self, context: grpc.aio.ServicerContext, request: pb.ModelInferRequest,
              principal: Principal | None = None) -> Call:
-        md = metadata_of(context)
+        return self.call_of(metadata_of(context), context.time_remaining(), request, principal)
+
+    def call_of(self, md: Mapping[str, str], time_remaining: float | None, request: pb.ModelInferRequest,
+                principal: Principal | None = None) -> Call:
+        """Any transport's call: ``md`` its metadata (lower-case keys, the ``cmesh-*``
+        names), ``time_remaining`` the caller's deadline (None: the default)."""
         principal = principal or self.auth.authenticate(md.get("authorization"))
         now = self._now()
         self.gate.admit(principal, request.model_name, now, claimed_tenant=md.get(wire.M_TENANT, ""))
         require_public(self.config, request.model_name)
         params = decode_parameters(request.parameters)
-        remaining = context.time_remaining()
-        if remaining is None or remaining > 1e9:      # no deadline set by the caller
+        if time_remaining is None or time_remaining > 1e9:      # no deadline set by the caller
             remaining = self.config.router.default_timeout_s
         else:
-            remaining -= answer_margin_s(remaining)
+            remaining = time_remaining - answer_margin_s(time_remaining)
         asked = wire.timeout_s(params.get(wire.P_TIMEOUT_MS))
         if asked is not None:
             remaining = min(remaining, asked)

@@ -402,3 +402,23 @@ async def test_failed_step_fails_its_sequences_and_the_loop_goes_on():
     finally:
         eng.gate.set()
         await runner.stop()
+
+
+
+def test_stop_strings_end_generation_and_are_cut_from_the_answer(engine) -> None:
+    """``stop`` (one string, or a JSON array as the OpenAI front door sends it) ends the
+    generation at the token that completes it; the unary answer stops before it."""
+    import json
+
+    (free,) = engine.run_batch([request(engine, "Customer: hello\nAgent:", max_tokens=40)])
+    text = free.outputs["text_output"][0].decode()
+    stop = text.strip()[2:5]                  # a piece the free answer contains
+    assert len(stop) == 3 and stop in text
+    (cut,) = engine.run_batch([request(engine, "Customer: hello\nAgent:", max_tokens=40,
+                                       stop=json.dumps(["zzzz", stop]))])
+    answer = cut.outputs["text_output"][0].decode()
+    assert stop not in answer and text.startswith(answer)
+    assert cut.output_tokens < free.output_tokens
+    for bad in ("[1]", json.dumps(["a"] * 5), json.dumps([""])):
+        with pytest.raises(InvalidInput, match="stop"):
+            request(engine, "Customer: hello\nAgent:", stop=bad)

@@ -17,6 +17,7 @@ know the unary batch contract.
 """
 from __future__ import annotations
 
+import json
 import numbers
 import os
 from collections.abc import Callable
@@ -71,6 +72,31 @@ def _as_float(name: str, value: Any) -> float:
     return result
 
 
+MAX_STOPS = 4                   # as OpenAI's API
+MAX_STOP_CHARS = 64
+
+
+def _stops(value: Any) -> tuple[str, ...]:
+    """``stop``: one string, or a JSON array of up to four (InferParameter holds no list)."""
+    if value is None or value == "":
+        return ()
+    if not isinstance(value, str):
+        raise InvalidInput("stop", f"must be a string or a JSON array of strings, got {type(value).__name__}")
+    stops: Any = [value]
+    if value.startswith("["):
+        try:
+            stops = json.loads(value)
+        except ValueError:
+            stops = [value]
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise InvalidInput("stop", "a JSON array must hold strings only")
+    if len(stops) > MAX_STOPS:
+        raise InvalidInput("stop", f"at most {MAX_STOPS} stop strings, got {len(stops)}")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise InvalidInput("stop", f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
+    return tuple(stops)
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """One validated request: what ``prepare`` hands to the scheduler side."""
@@ -79,6 +105,7 @@ class GenerationParams:
     max_tokens: int
     temperature: float          # 0 = greedy
     seed: int | None
+    stop: tuple[str, ...] = ()  # generation ends once the text contains one of them
 
 
 # -- incremental detokenization --------------------------------------------------------
@@ -130,6 +157,7 @@ class SequenceState:
     past: list[tuple[Any, Any]] | None = None   # per layer (keys, values), [1, H, cached, D]
     cached: int = 0                             # tokens held in ``past``
     output_ids: list[int] = field(default_factory=list)
+    stopped: bool = False                       # a stop string appeared in the text
 
     @property
     def max_tokens(self) -> int:
@@ -137,8 +165,14 @@ class SequenceState:
 
     @property
     def done(self) -> bool:
-        return bool(self.output_ids) and (self.output_ids[-1] in self.stop_ids
-                                          or len(self.output_ids) >= self.params.max_tokens)
+        return self.stopped or bool(self.output_ids) and (self.output_ids[-1] in self.stop_ids
+                                                          or len(self.output_ids) >= self.params.max_tokens)
+
+    def answer(self) -> str:
+        """The whole text, cut before the first stop string (as OpenAI's ``stop``)."""
+        text = self.detok.text
+        cuts = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+        return text[:min(cuts)] if cuts else text
 
 
 # -- the engine ------------------------------------------------------------------------
@@ -213,7 +247,7 @@ class HFCausalLMEngine(Engine):
             raise InvalidInput("max_tokens", f"prompt of {len(ids)} tokens leaves room for "
                                              f"{room} new tokens, {max_tokens} requested")
         prepared = GenerationParams(prompt_ids=tuple(ids), max_tokens=max_tokens,
-                                    temperature=temperature, seed=seed)
+                                    temperature=temperature, seed=seed, stop=_stops(params.get("stop")))
         return InferItem(inputs=inputs, parameters=params, rows=1, length=len(ids),
                          input_tokens=len(ids), prepared=prepared)
 
@@ -256,7 +290,7 @@ class HFCausalLMEngine(Engine):
         self.step(states, [])
         while active := [s for s in states if not s.done]:
             self.step([], active)
-        return [ItemResult(outputs={OUTPUT: np.array([s.detok.text.encode("utf-8")], dtype=object)},
+        return [ItemResult(outputs={OUTPUT: np.array([s.answer().encode("utf-8")], dtype=object)},
                            output_tokens=len(s.output_ids)) for s in states]
 
     # -- internals ------------------------------------------------------------------------
@@ -273,7 +307,9 @@ class HFCausalLMEngine(Engine):
             state.cached += len(fed)
             state.output_ids.append(token)
             text = state.detok.push(token, final=state.done)
-            outputs.append(TokenOutput(token_id=token, text=text))
+            if state.params.stop and text and any(s in state.detok.text for s in state.params.stop):
+                state.stopped = True
+            outputs.append(TokenOutput(token_id=token, text=text, stopped=state.stopped))
         return outputs
 
     def _sample(self, states: list[SequenceState], logits) -> list[int]:

@@ -40,6 +40,7 @@ class TokenOutput:
 
     token_id: int
     text: str = ""             # the text this token completes (may be empty, see the engine)
+    stopped: bool = False      # the text now holds one of the request's stop strings
 
 
 @dataclass(eq=False)
@@ -182,7 +183,7 @@ class Scheduler:
     def update(self, outputs: Mapping[int, TokenOutput]) -> list[SequenceUpdate]:
         """Record one step's tokens (keyed by seq_id). Outputs of sequences that are no
         longer running (cancelled while the step ran) are dropped. A sequence finishes
-        on a stop token or when it reaches ``max_tokens``; the stop token counts as
+        on a stop token, a stop string or when it reaches ``max_tokens``; the stop token counts as
         an output token, since the model computed it."""
         updates = []
         for seq_id, out in outputs.items():
@@ -190,7 +191,7 @@ class Scheduler:
             if seq is None or seq.status is not SequenceStatus.RUNNING:
                 continue
             seq.output_tokens.append(out.token_id)
-            if out.token_id in seq.stop_token_ids:
+            if out.token_id in seq.stop_token_ids or out.stopped:
                 self._finish(seq, FinishReason.STOP)
             elif len(seq.output_tokens) >= seq.max_tokens:
                 self._finish(seq, FinishReason.LENGTH)

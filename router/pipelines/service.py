@@ -18,7 +18,7 @@ import numpy as np
 
 from cmesh.cost import price
 from cmesh import wire
-from cmesh.errors import InvalidInput, MeshError, NotFound, abort_with, quote
+from cmesh.errors import Internal, InvalidInput, MeshError, NotFound, abort_with, quote
 from cmesh.rpc import guarded
 from protos import mesh_pb2, mesh_pb2_grpc
 from router.manifests import ManifestCache
@@ -44,7 +44,18 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-class PipelinesServicer(mesh_pb2_grpc.PipelinesServicer):
+def remaining_of(context, default_s: float) -> float:
+    """The time a gRPC caller gave us, less the margin our own error needs to reach it."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 1e9:
+        return default_s
+    return remaining - answer_margin_s(remaining)
+
+
+class PipelineRunner:
+    """Runs a pipeline for an authenticated principal, independent of the transport:
+    the gRPC servicer below and the OpenAI front door (``router.openai``) both call it."""
+
     def __init__(self, core, door, metrics: PipelineMetrics, manifests: ManifestCache, clock=time.monotonic,
                  spans=None) -> None:
         self.core = core
@@ -61,7 +72,7 @@ class PipelinesServicer(mesh_pb2_grpc.PipelinesServicer):
             raise NotFound(f"unknown pipeline {quote(name)}; pipelines: {sorted(self.graphs)}", pipeline=name)
         return graph
 
-    def _prepare(self, request: mesh_pb2.RunRequest, context):
+    def _prepare(self, principal, request: mesh_pb2.RunRequest, remaining: float):
         graph = self._graph(request.pipeline)
         limits = self.core.config.server.limits
         request_id = wire.text("request_id", request.request_id, limits.max_id_chars)
@@ -72,24 +83,19 @@ class PipelinesServicer(mesh_pb2_grpc.PipelinesServicer):
                                pipeline=request.pipeline)
         if "text" in request.inputs and not request.inputs["text"].strip():
             raise InvalidInput("inputs.text", "must not be empty", pipeline=request.pipeline)
-        principal = self.door.principal(context)
         now = self._now()
         # One admission (rate limit) per pipeline request; model rights for every node.
         for i, (node, cfg) in enumerate(graph.config.nodes.items()):
             self.door.gate.admit(principal, cfg.model, now) if i == 0 else \
                 self.door.gate.check_model(principal, cfg.model)
-        remaining = context.time_remaining()
-        if remaining is None or remaining > 1e9:
-            remaining = self.core.config.router.default_timeout_s
-        else:
-            remaining -= answer_margin_s(remaining)
         caller = NodeCaller(self.core, self.manifests, pipeline=request.pipeline,
                             latency_class=graph.config.latency_class, principal=principal,
                             request_id=request_id or uuid.uuid4().hex, session=session)
         return graph, caller, now + remaining
 
-    async def _execute(self, request, context, events=None, stream: bool = False) -> mesh_pb2.RunResponse:
-        graph, caller, deadline = self._prepare(request, context)
+    async def run(self, principal, request: mesh_pb2.RunRequest, remaining: float, events=None,
+                  stream: bool = False) -> mesh_pb2.RunResponse:
+        graph, caller, deadline = self._prepare(principal, request, remaining)
         executor = PipelineExecutor(graph, caller, clock=self._now)
         started_ns = time.time_ns()
         status = "OK"
@@ -118,26 +124,21 @@ class PipelinesServicer(mesh_pb2_grpc.PipelinesServicer):
                                     outputs_json=json.dumps(_jsonable(outcome.outputs), default=str),
                                     trace=trace, cost=total, degraded=outcome.degraded)
 
-    @guarded
-    async def Run(self, request, context):
-        return await self._execute(request, context)
-
-    async def RunStream(self, request, context) -> AsyncIterator[mesh_pb2.RunEvent]:
+    async def events(self, principal, request: mesh_pb2.RunRequest,
+                     remaining: float) -> AsyncIterator["mesh_pb2.RunEvent | MeshError"]:
+        """Node events and the output node's tokens as they happen, then the final
+        answer; a failure is the last item (a MeshError), never raised mid-stream.
+        Closing the iterator cancels the run."""
         queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(event: mesh_pb2.RunEvent) -> None:
-            queue.put_nowait(event)
 
         async def run() -> None:
             try:
-                final = await self._execute(request, context, events=emit, stream=True)
+                final = await self.run(principal, request, remaining, events=queue.put_nowait, stream=True)
                 queue.put_nowait(mesh_pb2.RunEvent(final=final))
             except MeshError as exc:
                 queue.put_nowait(exc)
             except Exception as exc:  # noqa: BLE001
                 log.exception("pipeline stream failed")
-                from cmesh.errors import Internal
-
                 queue.put_nowait(Internal(f"internal error: {exc}", pipeline=request.pipeline))
             finally:
                 queue.put_nowait(None)
@@ -145,14 +146,44 @@ class PipelinesServicer(mesh_pb2_grpc.PipelinesServicer):
         task = asyncio.create_task(run())
         try:
             while (item := await queue.get()) is not None:
+                yield item
+        finally:
+            task.cancel()
+
+    def describe(self, name: str) -> mesh_pb2.DescribeResponse:
+        return self._graph(name).describe()
+
+
+class PipelinesServicer(mesh_pb2_grpc.PipelinesServicer):
+    """Thin: who is calling and until when, then the runner."""
+
+    def __init__(self, runner: PipelineRunner) -> None:
+        self.runner = runner
+        self.door = runner.door
+        self._default_s = runner.core.config.router.default_timeout_s
+
+    @guarded
+    async def Run(self, request, context):
+        principal = self.door.principal(context)
+        return await self.runner.run(principal, request, remaining_of(context, self._default_s))
+
+    async def RunStream(self, request, context) -> AsyncIterator[mesh_pb2.RunEvent]:
+        try:
+            principal = self.door.principal(context)
+        except MeshError as exc:
+            await abort_with(context, exc)
+            return
+        events = self.runner.events(principal, request, remaining_of(context, self._default_s))
+        try:
+            async for item in events:
                 if isinstance(item, MeshError):
                     await abort_with(context, item)
                     return
                 yield item
         finally:
-            task.cancel()
+            await events.aclose()
 
     @guarded
     async def Describe(self, request, context):
         self.door.principal(context)
-        return self._graph(request.pipeline).describe()
+        return self.runner.describe(request.pipeline)
