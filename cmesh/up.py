@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="compose/mesh.yaml")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="router gRPC port (the front door)")
+    p.add_argument("--http-port", type=int, default=8080, help="router's OpenAI-compatible HTTP port")
     p.add_argument("--autoscaler-port", type=int, default=8500, help="autoscaler gRPC port")
     args = p.parse_args(argv)
     config = load_config(args.config)
@@ -85,12 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         redis = ["--redis", os.environ["REDIS_URL"]] if os.environ.get("REDIS_URL") else []
         keys = _demo_keys(config)
         router, rready = _start(["-m", "router", "--config", args.config, "--host", args.host,
-                                 "--port", str(args.port), "--metrics-port", "9100", "--autoscaler", autoscaler,
-                                 *redis])
+                                 "--port", str(args.port), "--http-port", str(args.http_port),
+                                 "--metrics-port", "9100", "--autoscaler", autoscaler, *redis])
         procs.append(router)
         front = f"{args.host}:{rready['port']}"
         print(f"\nrouter        grpc  {front}   (Open Inference Protocol; tritonclient works; metering: "
               f"{rready['metering']})")
+        openai_base = f"http://{args.host}:{rready['http_port']}/v1"
+        print(f"router        http  {openai_base}   (OpenAI API: chat, completions, embeddings, pipelines as models)")
         print(f"autoscaler    grpc  {autoscaler}   (provider {sready['provider']}; leader election "
               f"{sready['leader_election']})")
         print(f"metrics       http  http://{args.host}:9100/metrics (router), "
@@ -107,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ntry:\n  {token}.venv/bin/cmesh status --autoscaler {autoscaler} --config {args.config}")
         print(f"  .venv/bin/cmesh infer embedder --text 'How do I reset my password?' --address {front}{auth}")
         print(f"  .venv/bin/cmesh infer dialogue-llm --text 'Customer: hello\\nAgent:' --stream --address {front}{auth}")
+        bearer = f" -H 'Authorization: Bearer {tenant_key}'" if tenant_key else ""
+        print(f"  curl -s {openai_base}/chat/completions{bearer} -H 'Content-Type: application/json' "
+              "-d '{\"model\": \"support-agent\", \"messages\": [{\"role\": \"user\", "
+              "\"content\": \"Where is my order 1042?\"}]}'")
         print(f"  .venv/bin/cmesh cost --by model --router {front}" + (f" --admin-key {admin}" if admin else ""))
         print("\nCtrl-C stops everything.", flush=True)
         while all(proc.poll() is None for proc in procs):

@@ -78,10 +78,11 @@ async def test_chat_completion_sync_with_usage(mesh) -> None:
     def chat():
         with sync_client(mesh) as client:
             return client.chat.completions.create(model="dialogue-llm", messages=ORDER_QUESTION, max_tokens=12,
-                                                  temperature=0, seed=3)
+                                                  temperature=0, seed=3, extra_headers={"x-request-id": "req-42"})
 
     answer = await asyncio.to_thread(chat)
     assert answer.object == "chat.completion" and answer.model == "dialogue-llm"
+    assert answer.id == "chatcmpl-req-42"                   # x-request-id: the metered idempotency key
     assert answer.choices[0].message.role == "assistant" and answer.choices[0].message.content
     assert answer.choices[0].finish_reason in ("stop", "length")
     u = answer.usage
@@ -199,6 +200,8 @@ async def test_every_error_status(mesh) -> None:
         assert late.value.status_code == 504
     bad_json = await post(mesh, "chat/completions", data=b"{not json", status=400)
     assert bad_json["error"]["param"] == "body" and bad_json["error"]["type"] == "invalid_request_error"
+    huge = await post(mesh, "embeddings", data=b"x" * (5 * 2**20), status=413)      # over server.max_message_bytes
+    assert huge["error"]["param"] == "body"
 
 
 async def test_unavailable_is_503(demo_store) -> None:
@@ -225,6 +228,14 @@ async def test_a_client_disconnect_mid_stream_frees_the_replica_slot(mesh) -> No
                                                              {"model": "dialogue-llm", "variant": v}) or 0.0
                    for v in ("a", "b"))
 
+    async def settled() -> float:
+        for _ in range(500):                       # what earlier tests left generating, if anything
+            if running() == 0:
+                break
+            await asyncio.sleep(0.02)
+        return running()
+
+    assert await settled() == 0
     async with async_client(mesh) as client:
         stream = await client.chat.completions.create(model="dialogue-llm", messages=ORDER_QUESTION,
                                                       max_tokens=250, temperature=0.9, seed=1, stream=True,
@@ -236,8 +247,4 @@ async def test_a_client_disconnect_mid_stream_frees_the_replica_slot(mesh) -> No
                 busy = running()              # the replica is generating for us
                 break
         await stream.close()
-    for _ in range(200):
-        if running() == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert got == 3 and busy == 1 and running() == 0
+    assert got == 3 and busy == 1 and await settled() == 0

@@ -94,7 +94,9 @@ class Answers:
         request = build_request(model, {manifest.inputs[0].name: np.array([prompt.encode("utf-8")], dtype=object)},
                                 parameters=params)
         call = self.door.call_of(md, remaining, request)
-        shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + (call.request_id or "x"), int(self._wall()),
+        # The answer's id is the metered request id (the idempotency key when sent).
+        call.request_id = call.request_id or self.core.admission.new_id()
+        shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + call.request_id, int(self._wall()),
                       model, body.include_usage)
         cutter = StopCutter(body.stops)
         if body.stream:
@@ -151,11 +153,11 @@ class Answers:
             text = body.text
         principal = self.door.auth.authenticate(md.get("authorization"))
         limit = self.core.config.server.limits.max_id_chars
-        request = mesh_pb2.RunRequest(pipeline=body.model, inputs={"text": text},
-                                      request_id=wire.text(wire.P_REQUEST_ID, md.get(wire.P_REQUEST_ID), limit),
+        request_id = wire.text(wire.P_REQUEST_ID, md.get(wire.P_REQUEST_ID), limit) or self.core.admission.new_id()
+        request = mesh_pb2.RunRequest(pipeline=body.model, inputs={"text": text}, request_id=request_id,
                                       session=wire.text(wire.P_SESSION, md.get(wire.P_SESSION), limit))
         budget = remaining if remaining is not None else self.core.config.router.default_timeout_s
-        shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + (request.request_id or f"{id(request):x}"),
+        shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request.request_id,
                       int(self._wall()), body.model, body.include_usage)
         cutter = StopCutter(body.stops)
         if body.stream:
