@@ -21,15 +21,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-fork-server", action="store_true",
                    help="local provider: start every replica as a fresh process instead of forking it from "
                         "a pre-imported fork server (slower cold starts; for comparison)")
+    p.add_argument("--state-dir", default=None,
+                   help="local provider: where replicas' logs and state go (default: $CMESH_STATE_DIR, "
+                        "then .cmesh/autoscaler)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     args = parse_args(argv)
+    args.state_dir = args.state_dir or os.environ.get("CMESH_STATE_DIR", ".cmesh/autoscaler")
     from autoscaler.app import run
 
-    return run(args)
+    return run(args, os.environ)
 
 
 if __name__ == "__main__":

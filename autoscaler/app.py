@@ -4,16 +4,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import uuid
 from argparse import Namespace
+from collections.abc import Mapping
 
 from autoscaler.controller import Controller
 from autoscaler.leader import make_lease
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.service import AutoscalerServicer
-from cmesh.config import MeshConfig, load_config
+from cmesh.config import MeshConfig, load_config, redis_url, with_overrides
 from cmesh.internal_auth import MeshCredentials, server_interceptors, token_from_env
 from cmesh.serving import grpc_server, start_metrics
 from cmesh.tls import add_port
@@ -34,7 +34,7 @@ def make_provider(config: MeshConfig, args: Namespace, credentials: MeshCredenti
     loopback = args.advertise_host in ("127.0.0.1", "localhost", "::1")
     return LocalProvider(config, args.config, host="127.0.0.1" if loopback else "0.0.0.0",
                          advertise_host=args.advertise_host, zygote=not args.no_fork_server,
-                         state_dir=os.environ.get("CMESH_STATE_DIR", ".cmesh/autoscaler"),
+                         state_dir=args.state_dir,
                          credentials=credentials)
 
 
@@ -81,13 +81,11 @@ class Autoscaler:
         self.leading.clear()
 
 
-async def serve(args: Namespace) -> int:
-    config = load_config(args.config)
-    if args.provider:
-        config.autoscaler.provider = args.provider
+async def serve(args: Namespace, environ: Mapping[str, str]) -> int:
+    config = with_overrides(load_config(args.config), {"autoscaler.provider": args.provider})
     listen = args.listen or config.autoscaler.listen
-    redis_url = args.redis or config.redis_url or os.environ.get("REDIS_URL") or None
-    token = token_from_env(config, os.environ)  # before anything starts: a ConfigError exits 2
+    redis = redis_url(args.redis, config, environ)
+    token = token_from_env(config, environ)  # before anything starts: a ConfigError exits 2
     app = Autoscaler(config, args, MeshCredentials.of(config, token))
     if hasattr(app.provider, "start"):
         await app.provider.start()            # e.g. the local fork server's imports, before we say ready
@@ -97,11 +95,11 @@ async def serve(args: Namespace) -> int:
     port = add_port(server, listen, config.security.server_tls)
     await server.start()
     http, metrics_port = start_metrics(args.metrics_port, listen.rsplit(":", 1)[0], app.metrics.registry)
-    lease = make_lease(redis_url, holder_id=f"autoscaler-{uuid.uuid4().hex[:8]}",
+    lease = make_lease(redis, holder_id=f"autoscaler-{uuid.uuid4().hex[:8]}",
                        ttl_s=config.autoscaler.lease_ttl_s)
     lease_task = asyncio.create_task(lease.run(app.on_elected, app.on_lost), name="leader-lease")
     print(json.dumps({"event": "ready", "port": port, "metrics_port": metrics_port,
-                      "provider": config.autoscaler.provider, "leader_election": "redis" if redis_url else "none"}),
+                      "provider": config.autoscaler.provider, "leader_election": "redis" if redis else "none"}),
           flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -120,7 +118,7 @@ async def serve(args: Namespace) -> int:
     return 0
 
 
-def run(args: Namespace) -> int:
+def run(args: Namespace, environ: Mapping[str, str]) -> int:
     from cmesh.proc import run_service
 
-    return run_service(lambda: serve(args), args.log_level)
+    return run_service(lambda: serve(args, environ), args.log_level)

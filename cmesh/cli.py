@@ -116,7 +116,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
 
     redis_url, router = args.redis, args.router
     if redis_url is None and router is None:
-        redis_url = os.environ.get("REDIS_URL") or None
+        redis_url = os.environ.get("REDIS_URL") or None     # the CLI's entry point: no config to consult
         router = None if redis_url else DEFAULT_ROUTER
 
     def from_redis(url: str):

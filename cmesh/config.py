@@ -7,6 +7,7 @@ the environment or the file at import. Errors name the path and the rule, e.g.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -540,3 +541,27 @@ def parse_config(data: Any, source: str = "mesh.yaml") -> MeshConfig:
 def load_config(path: str | Path) -> MeshConfig:
     data = load_yaml(read_text(path), str(path))
     return parse_config(data, source=str(path))
+
+
+def with_overrides(config: MeshConfig, overrides: Mapping[str, Any], source: str = "command line") -> MeshConfig:
+    """A new config with ``section.field`` values replaced (an entry point's flags;
+    None leaves a value alone), validated like the file. Configs are never mutated
+    after they are built: the original is untouched."""
+    if all(value is None for value in overrides.values()):
+        return config
+    data = config.model_dump(mode="json", exclude_unset=True)
+    for path, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, last = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return parse_config(data, source)
+
+
+def redis_url(flag: str | None, config: MeshConfig, environ: Mapping[str, str]) -> str | None:
+    """Where shared state lives: the flag, then the config, then ``$REDIS_URL``
+    (``environ`` is the entry point's); None: in-process state."""
+    return flag or config.redis_url or environ.get("REDIS_URL") or None

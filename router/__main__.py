@@ -26,13 +26,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from cmesh.config import load_config
+    from cmesh.config import load_config, redis_url, with_overrides
     from router.server import RouterOptions, RouterServer
 
     config = load_config(args.config)
-    if args.autoscaler:
-        config.router.autoscaler = args.autoscaler
-    config.redis_url = args.redis or config.redis_url or os.environ.get("REDIS_URL") or None
+    config = with_overrides(config, {"router.autoscaler": args.autoscaler,
+                                     "redis_url": redis_url(args.redis, config, os.environ)})
     from cmesh.internal_auth import token_from_env
     from router.backends.oip import secrets_from_env
 

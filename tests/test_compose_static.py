@@ -196,11 +196,11 @@ def test_service_addresses_are_compose_service_names():
     assert autoscaler.advertise_host == "autoscaler"
 
 
-def test_local_replicas_listen_where_the_advertised_host_reaches_them(tmp_path, monkeypatch):
+def test_local_replicas_listen_where_the_advertised_host_reaches_them(tmp_path):
     from autoscaler.app import make_provider
 
-    monkeypatch.setenv("CMESH_STATE_DIR", str(tmp_path))
     _, args = parse_command(SERVICES["autoscaler"]["command"])
+    args.state_dir = str(tmp_path)             # the entry point's default ($CMESH_STATE_DIR)
     provider = make_provider(load_config(COMPOSE_DIR / "mesh.yaml"), args)
     assert provider.advertise_host == "autoscaler"
     assert provider.host in ("0.0.0.0", "::"), f"replicas listen on {provider.host} only"

@@ -61,3 +61,21 @@ def test_unreadable_and_invalid_yaml(tmp_path) -> None:
     bad.write_text("models: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_entry_point_overrides_build_a_new_validated_config() -> None:
+    from cmesh.config import load_config, redis_url, with_overrides
+    from cmesh.validation import ConfigError
+
+    base = load_config(REPO / "compose" / "mesh.yaml")
+    before = base.model_dump()
+    over = with_overrides(base, {"router.autoscaler": "scaler:8500", "redis_url": "redis://r:6379/0",
+                                 "autoscaler.provider": None})
+    assert (over.router.autoscaler, over.redis_url) == ("scaler:8500", "redis://r:6379/0")
+    assert over.models == base.models and base.model_dump() == before          # the original is untouched
+    assert with_overrides(base, {"router.autoscaler": None}) is base
+    with pytest.raises(ConfigError, match="autoscaler.provider"):
+        with_overrides(base, {"autoscaler.provider": "nowhere"})
+    assert redis_url("redis://flag", base, {"REDIS_URL": "redis://env"}) == "redis://flag"
+    assert redis_url(None, base, {"REDIS_URL": "redis://env"}) == "redis://env"
+    assert redis_url(None, base, {}) is None
