@@ -28,12 +28,13 @@ def _cmd_models_bootstrap(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_list(args: argparse.Namespace) -> int:
+    from cmesh.cli_models import store_options
     from cmesh.store import ModelStore
 
-    store = ModelStore(args.store)
+    store = ModelStore(args.store, storage_options=store_options(args.store_option))
     rows = []
     for name, version in store.versions():
-        m = store.open(f"store://{name}/{version}").manifest
+        m = store.manifest(f"store://{name}/{version}")
         rows.append({"model": f"{name}/{version}", "engine": m.engine, "memory_mb": m.memory_mb,
                      "inputs": [f"{t.name}:{t.datatype}{t.shape}" for t in m.inputs],
                      "outputs": [f"{t.name}:{t.datatype}{t.shape}" for t in m.outputs]})
@@ -313,9 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     boot.set_defaults(func=_cmd_models_bootstrap)
     lst = msub.add_parser("list", help="list the versions in a store",
                           description="List every model version in the store with its manifest.")
-    lst.add_argument("--store", default=DEFAULT_STORE)
+    lst.add_argument("--store", default=DEFAULT_STORE, help="store root: path or fsspec URL (s3://...)")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
     lst.set_defaults(func=_cmd_models_list)
+
+    from cmesh.cli_models import add_push_parser, add_store_options
+
+    add_store_options(lst)
+    add_push_parser(msub, DEFAULT_STORE)
 
     infer = sub.add_parser("infer", help="send one request to a model",
                            description="Send texts to a model over the Open Inference Protocol and print "

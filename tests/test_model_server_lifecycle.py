@@ -87,13 +87,12 @@ async def test_stream_infer_answers_each_request_by_id_and_errors_in_band(tmp_pa
 
 
 async def test_model_loads_from_an_fsspec_store(tmp_path) -> None:
-    import fsspec
+    from cmesh.push import push_version
 
     local = tmp_path / "local"
     sleep_model(local, name="remote-model", sleep_ms=1)
-    fs = fsspec.filesystem("memory")
-    fs.put(str(local / "remote-model"), "/teststore/remote-model", recursive=True)
     store = ModelStore("memory://teststore", cache_dir=tmp_path / "cache")
+    push_version(local / "remote-model" / "1", store, "remote-model", "1", force=True)
     assert store.versions() == [("remote-model", "1")]
     version = store.open("store://remote-model/1")
     assert version.local_dir.is_relative_to(tmp_path / "cache") and (version.local_dir / "model.yaml").exists()

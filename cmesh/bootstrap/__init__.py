@@ -1,7 +1,8 @@
 """Build the demo model store offline and idempotently.
 
 Each artifact is built into a temporary directory and renamed into place, with a
-build stamp; a version whose stamp matches its recipe's fingerprint is skipped.
+build stamp and the completion marker (``cmesh.completion``); a version whose stamp
+matches its recipe's fingerprint is skipped.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cmesh import completion
 from cmesh.bootstrap.base import Artifact, BuildContext
+from cmesh.completion import COMPLETE_FILE
 
 STAMP = ".cmesh-build.json"
 _MODULES = ("minilm", "classifier", "tiny_llm", "kb_index", "sql_orders")
@@ -112,6 +115,8 @@ def _build_atomically(store: Path, artifact: Artifact, ctx: BuildContext) -> Non
             raise RuntimeError(f"{artifact.key}: recipe wrote no model.yaml")
         (tmp / STAMP).write_text(json.dumps({"fingerprint": artifact.fingerprint,
                                              "built_at": time.time()}))
+        # The same marker a push writes, so a bootstrapped version reads as complete anywhere.
+        (tmp / COMPLETE_FILE).write_text(completion.dump(completion.describe(tmp)))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

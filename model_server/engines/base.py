@@ -199,3 +199,11 @@ def engine_class(kind: str) -> type[Engine]:
         if kind in _UNAVAILABLE:
             raise ValueError(f"engine {kind!r} is not available here: {_UNAVAILABLE[kind]}") from None
         raise ValueError(f"unknown engine {kind!r}; known: {sorted(_REGISTRY)}") from None
+
+
+def known_engine(kind: str) -> bool:
+    """Whether ``kind`` names an engine, usable here or not (TensorRT without a GPU
+    is known): a manifest check that touches no device."""
+    from model_server import engines  # noqa: F401  (registers the built-in engines)
+
+    return kind in _REGISTRY or kind in _DEFERRED or kind in _UNAVAILABLE
