@@ -42,5 +42,6 @@ class ManifestCache:
             self._manifests[key] = manifest_of_metadata(model, variant, answer)
         if key not in self._manifests:
             source = cfg.variant_sources()[variant].source
-            self._manifests[key] = (await asyncio.to_thread(self.store.open, source)).manifest
+            # The manifest only: on a remote store, open() would copy the whole model here.
+            self._manifests[key] = await asyncio.to_thread(self.store.manifest, source)
         return self._manifests[key]
