@@ -34,7 +34,7 @@ async def serve(args: argparse.Namespace) -> int:
         config.router.autoscaler = args.autoscaler
     config.redis_url = args.redis or config.redis_url or os.environ.get("REDIS_URL") or None
     from cmesh.internal_auth import token_from_env
-    from router.backends.oip import secrets_from_env
+    from router.backends.secrets import secrets_from_env
 
     server = RouterServer(config, RouterOptions(host=args.host, port=args.port, metrics_port=args.metrics_port,
                                                 http_port=args.http_port,
