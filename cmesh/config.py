@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from cmesh.config_backend import BackendConfig, BackendKind, CredentialConfig, TLSConfig  # noqa: F401 (re-exported)
 from cmesh.validation import Strict, load_yaml, read_text, validate_mapping
 
 LatencyClass = Literal["interactive", "batch"]
@@ -70,8 +71,20 @@ class ResourcesConfig(Strict):
 
 
 class PriceConfig(Strict):
-    replica_second: float = Field(0.0, ge=0)
-    per_1k_tokens: float = Field(0.0, ge=0)
+    """What a model's use costs (``cmesh.cost``). Tokens: ``per_1k_tokens`` prices
+    both directions, the simple case; a per-direction price replaces it for that
+    direction (providers price output above input)."""
+
+    replica_second: float = Field(0.0, ge=0, description="per second of compute (or external wall time)")
+    per_1k_tokens: float = Field(0.0, ge=0, description="per 1000 tokens, input and output alike")
+    per_1k_input_tokens: float | None = Field(None, ge=0, description="per 1000 input (prompt) tokens")
+    per_1k_output_tokens: float | None = Field(None, ge=0, description="per 1000 output (completion) tokens")
+
+    def token_prices(self) -> tuple[float, float]:
+        """(input, output) price per 1000 tokens."""
+        base = self.per_1k_tokens
+        return (base if self.per_1k_input_tokens is None else self.per_1k_input_tokens,
+                base if self.per_1k_output_tokens is None else self.per_1k_output_tokens)
 
 
 class VariantConfig(Strict):
@@ -88,75 +101,6 @@ class ModelTrustConfig(Strict):
                                      description="JSON text outputs: replace these keys' values")
 
 
-class CredentialConfig(Strict):
-    """A credential an external backend expects on every call: one header whose value
-    comes from an environment variable, read at the entry point (never at import)."""
-
-    header: str = Field("authorization", pattern=r"^[a-z0-9][a-z0-9_.-]*$",
-                        description="gRPC metadata key (lower case)")
-    env: str = Field(min_length=1, description="environment variable holding the value")
-    prefix: str = Field("", description="prepended to the value, e.g. 'Bearer '")
-
-
-BackendKind = Literal["mesh", "oip"]
-
-
-class BackendConfig(Strict):
-    """Where a model's requests go (``backend:`` of a model; default ``mesh``).
-
-    ``mesh``: the mesh's own replicas (autoscaler or static ``endpoints``), over the
-    data path ``data_path`` (default ``router.data_path``). ``oip``: any Open Inference
-    Protocol gRPC server (KServe, MLServer, Triton, NIM) at static ``endpoints`` or every
-    address of a DNS name (``dns``, e.g. a Kubernetes Service), called with unary
-    ModelInfer (and ModelStreamInfer for streamed calls when ``stream``)."""
-
-    kind: BackendKind = "mesh"
-    data_path: Literal["stream", "unary"] | None = Field(
-        None, description="mesh: how requests reach this model's replicas; None: router.data_path")
-    endpoints: list[str] = Field(default_factory=list, description="oip: host:port of each server")
-    dns: str | None = Field(None, description="oip: host:port whose every address is a server")
-    dns_refresh_s: float = Field(10.0, gt=0, description="oip with dns: how often to re-resolve")
-    model_name: str | None = Field(None, min_length=1, description="oip: the server's name for the model "
-                                                                   "(default: ours)")
-    versions: dict[str, str] = Field(default_factory=dict,
-                                     description="oip: our variant -> the server's model version "
-                                                 "(absent: the server's default version)")
-    stream: bool = Field(False, description="oip: the server implements ModelStreamInfer")
-    tls: TLSConfig | None = Field(None, description="oip: TLS to the server (ca, optional cert/key)")
-    credential: CredentialConfig | None = None
-    max_inflight_per_endpoint: int | None = Field(None, ge=1, description="router's cap per server "
-                                                  "(default: deployment.max_inflight_per_replica)")
-    spill_over: "BackendConfig | None" = Field(
-        None, description="mesh with mode auto: an oip pool that takes what the dedicated pool "
-                          "cannot (the serverless pool's place)")
-
-    @model_validator(mode="after")
-    def _kind(self) -> "BackendConfig":
-        if self.kind == "mesh":
-            for name in ("dns", "model_name", "tls", "credential", "max_inflight_per_endpoint"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"{name}: only for kind 'oip'")
-            for name in ("endpoints", "versions"):
-                if getattr(self, name):
-                    raise ValueError(f"{name}: only for kind 'oip' (mesh replicas: the model's endpoints)")
-            if self.stream:
-                raise ValueError("stream: only for kind 'oip' (mesh: data_path)")
-            if self.spill_over is not None and self.spill_over.kind != "oip":
-                raise ValueError("spill_over.kind: must be 'oip'")
-        else:
-            if self.data_path is not None:
-                raise ValueError("data_path: only for kind 'mesh'")
-            if self.spill_over is not None:
-                raise ValueError("spill_over: only for kind 'mesh'")
-            if bool(self.endpoints) == (self.dns is not None):
-                raise ValueError("endpoints: kind 'oip' needs exactly one of endpoints or dns")
-            for address in [*self.endpoints, *([self.dns] if self.dns else [])]:
-                host, _, port = address.rpartition(":")
-                if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                    raise ValueError(f"endpoints: {address!r} is not host:port")
-        return self
-
-
 class ModelConfig(Strict):
     source: str | None = Field(None, min_length=1, description="store://name/version, path or URL")
     variants: dict[str, VariantConfig] | None = None
@@ -171,7 +115,7 @@ class ModelConfig(Strict):
     internal: bool = Field(False, description="reachable only as a pipeline node, never by a direct call")
     trust: ModelTrustConfig = Field(default_factory=ModelTrustConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig,
-                                   description="mesh (default) or oip: see BackendConfig")
+                                   description="mesh (default), oip or openai: see BackendConfig")
     endpoints: list[str] | dict[Literal["dedicated", "serverless"], list[str]] = Field(
         default_factory=list,
         description="static host:port replicas for a router without an autoscaler; a list "
@@ -185,10 +129,11 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
-        if self.backend.kind == "oip":
+        if self.backend.kind != "mesh":
             # The server holds the model: no source, no replicas of ours.
             if self.source is not None or self.endpoints:
-                raise ValueError("backend: kind 'oip' serves the model itself; give no source or endpoints")
+                raise ValueError(f"backend: kind {self.backend.kind!r} serves the model itself; "
+                                 "give no source or endpoints")
         elif (self.source is None) == (self.variants is None):
             raise ValueError("source: give exactly one of source or variants")
         if self.backend.spill_over is not None and self.deployment.mode != "auto":
@@ -348,25 +293,6 @@ class RetryConfig(Strict):
     budget_ratio: float = Field(0.2, ge=0, le=1, description="retries per request, at most")
     min_retries_per_s: float = Field(3.0, ge=0, description="always allowed, for low traffic")
     backoff_ms: float = Field(5.0, ge=0)
-
-
-class TLSConfig(Strict):
-    """TLS for a listener (cert/key, plus ca + client_auth for mutual TLS) or for
-    client channels (ca to verify servers, cert/key to present with mutual TLS)."""
-
-    cert: str | None = None
-    key: str | None = None
-    ca: str | None = None
-    client_auth: bool = False
-    server_name: str | None = Field(None, description="override the name checked in server certs")
-
-    @model_validator(mode="after")
-    def _complete(self) -> "TLSConfig":
-        if (self.cert is None) != (self.key is None):
-            raise ValueError("cert: give both cert and key, or neither")
-        if self.client_auth and self.ca is None:
-            raise ValueError("ca: client_auth requires a CA to verify client certificates")
-        return self
 
 
 class SecurityConfig(Strict):

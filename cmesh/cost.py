@@ -4,10 +4,14 @@ Input rows come from a meter (``router.metering``) or anything with the same
 attributes; output is a ``CostReport`` that the Admin service sends as
 ``cmesh.v1.CostReportResponse`` and ``cmesh cost`` prints. Per row:
 
-    cost = compute_s × price.replica_second + (input + output tokens) / 1000 × price.per_1k_tokens
+    cost = compute_s × price.replica_second
+         + input tokens / 1000 × price.per_1k_input_tokens
+         + output tokens / 1000 × price.per_1k_output_tokens
 
-with the price of the row's model; a model missing from the config costs 0 but
-still appears, so usage is never silently dropped. A report also says when the
+with the prices of the row's model, where a direction without a price of its own
+takes ``price.per_1k_tokens`` (the simple case: one price for every token). A
+model missing from the config costs 0 but still appears, so usage is never
+silently dropped. A report also says when the
 store lacks usage the router accepted (events spooled through a Redis outage, or
 dropped): ``incomplete``, and ``format_warning`` words it for people.
 """
@@ -89,13 +93,15 @@ def group_key(row: UsageRow, group_by: str) -> str:
     return getattr(row, group_by) or NONE_KEY
 
 
-def price(config: MeshConfig, model: str, compute_s: float, tokens: int) -> float:
+def price(config: MeshConfig, model: str, compute_s: float, input_tokens: int, output_tokens: int) -> float:
     """What one use of ``model`` costs: its compute share at the replica-second
-    price plus its tokens at the per-1k price (unknown models cost 0)."""
+    price plus its input and output tokens each at their per-1k price (unknown
+    models cost 0)."""
     spec = config.models.get(model)
     if spec is None:
         return 0.0
-    return compute_s * spec.price.replica_second + tokens / 1000 * spec.price.per_1k_tokens
+    per_in, per_out = spec.price.token_prices()
+    return compute_s * spec.price.replica_second + input_tokens / 1000 * per_in + output_tokens / 1000 * per_out
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,7 @@ def format_idle(lines: list[IdleLine]) -> str:
 
 
 def price_row(row: UsageRow, config: MeshConfig) -> float:
-    return price(config, row.model, row.compute_s, row.input_tokens + row.output_tokens)
+    return price(config, row.model, row.compute_s, row.input_tokens, row.output_tokens)
 
 
 def _sort_key(row: UsageRow) -> tuple:

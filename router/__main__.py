@@ -33,7 +33,7 @@ async def serve(args: argparse.Namespace) -> int:
     config = with_overrides(config, {"router.autoscaler": args.autoscaler,
                                      "redis_url": redis_url(args.redis, config, os.environ)})
     from cmesh.internal_auth import token_from_env
-    from router.backends.oip import secrets_from_env
+    from router.backends.secrets import secrets_from_env
 
     server = RouterServer(config, RouterOptions(host=args.host, port=args.port, metrics_port=args.metrics_port,
                                                 http_port=args.http_port,

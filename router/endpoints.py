@@ -34,7 +34,7 @@ class ReplicaInfo:
     state: str = "ready"               # "warming", "ready" or "draining"
     max_inflight: int = 0              # 0: the model's configured cap
     variants: tuple[str, ...] = ()     # empty: every variant
-    kind: str = "mesh"                 # the backend adapter: "mesh" replica or "oip" server
+    kind: str = "mesh"                 # the backend adapter: "mesh" replica, "oip" server or "openai" API
 
     def serves(self, variant: str) -> bool:
         return not self.variants or variant in self.variants
@@ -42,7 +42,7 @@ class ReplicaInfo:
 
 class EndpointTable:
     """Mesh replicas (from the autoscaler or static config; versioned) plus the
-    endpoints of external (oip) backends (``set_external``); ``replicas`` is both."""
+    endpoints of external (oip, openai) backends (``set_external``); ``replicas`` is both."""
 
     def __init__(self) -> None:
         self.version = -1
@@ -99,11 +99,19 @@ def static_table(config: MeshConfig) -> dict[str, tuple[ReplicaInfo, ...]]:
 
 def external_table(config: MeshConfig, resolved: dict[str, list[str]] | None = None
                    ) -> dict[str, tuple[ReplicaInfo, ...]]:
-    """Endpoints of every oip backend: a model's own (in the pool its mode implies) or
-    its spill-over pool (serverless). ``resolved``: addresses per DNS name."""
+    """Endpoints of every external backend: an oip model's own (in the pool its mode
+    implies) or its spill-over pool (serverless), an openai model's base URL (its one
+    endpoint). ``resolved``: addresses per DNS name."""
     resolved = resolved or {}
     models = {}
     for name, model in config.models.items():
+        if model.backend.kind == "openai":
+            spec = model.backend
+            pool = "serverless" if model.deployment.mode == "serverless" else "dedicated"
+            models[name] = (ReplicaInfo(id=f"openai:{name}:{spec.base_url}", address=spec.base_url or "",
+                                        pool=pool, kind="openai",
+                                        max_inflight=spec.max_inflight_per_endpoint or 0),)
+            continue
         if model.backend.kind == "oip":
             spec = model.backend
             pool = "serverless" if model.deployment.mode == "serverless" else "dedicated"

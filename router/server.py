@@ -42,7 +42,7 @@ class RouterOptions:
     # The mesh-internal token for calls to replicas and the autoscaler
     # (cmesh.internal_auth); read from the environment by the entry point only.
     internal_token: str | None = field(default=None, repr=False)
-    # Credentials of oip backends by model (router.backends.oip.secrets_from_env),
+    # Credentials of external backends by model (router.backends.secrets.secrets_from_env),
     # read from the environment by the entry point only.
     backend_secrets: dict[str, str] = field(default_factory=dict, repr=False)
     # The OpenAI-compatible HTTP front door (router.openai); None: not served.

@@ -5,7 +5,7 @@ import pytest
 
 from cmesh.config import parse_config
 from cmesh.validation import ConfigError
-from router.backends.oip import secrets_from_env
+from router.backends.secrets import secrets_from_env
 from router.endpoints import EndpointTable, ExternalSource, external_table
 
 MESH = {"source": "store://m/1"}
@@ -40,9 +40,17 @@ def test_oip_backend_needs_no_source_and_is_not_scaled():
     ({"kind": "mesh", "endpoints": ["a:1"]}, "endpoints: only for kind 'oip'"),
     ({"kind": "mesh", "model_name": "x"}, "model_name: only for kind 'oip'"),
     ({"kind": "mesh", "spill_over": {"kind": "mesh"}}, "spill_over.kind: must be 'oip'"),
+    ({"kind": "openai"}, "models.m.backend.base_url: kind 'openai' needs the API's base URL"),
+    ({"kind": "openai", "base_url": "ftp://h/v1"}, "models.m.backend.base_url"),
+    ({"kind": "openai", "base_url": "http://h:99999/v1"}, "is not an http:// or https:// URL"),
+    ({"kind": "openai", "base_url": "http://h/v1", "api": "images"}, "models.m.backend.api"),
+    ({"kind": "openai", "base_url": "http://h/v1", "endpoints": ["a:1"]}, "endpoints: only for kind 'oip'"),
+    ({"kind": "openai", "base_url": "http://h/v1", "tls": {"ca": "ca.pem"}}, "tls: only for an https://"),
+    ({"kind": "oip", "endpoints": ["a:1"], "api_key_env": "K"}, "api_key_env: only for kind 'openai'"),
+    ({"kind": "mesh", "base_url": "http://h/v1"}, "base_url: only for kind 'openai'"),
 ])
 def test_bad_backends_name_the_path(backend, message):
-    spec = {"backend": backend} if backend.get("kind") == "oip" else {**MESH, "backend": backend}
+    spec = {"backend": backend} if backend.get("kind") in ("oip", "openai") else {**MESH, "backend": backend}
     with pytest.raises(ConfigError) as info:
         config(m=spec)
     assert message in str(info.value)
@@ -85,3 +93,19 @@ async def test_dns_names_resolve_into_the_table_and_keep_their_last_answer():
     assert [r.address for r in table.replicas("m")] == ["10.1.0.1:8081", "10.1.0.2:8081"]
     await source.refresh()                              # resolution failed: keep the last addresses
     assert len(table.replicas("m")) == 2
+
+
+def test_openai_backend_is_one_external_endpoint_with_its_cap_and_key():
+    cfg = config(gpt={"backend": {"kind": "openai", "base_url": "https://api.example.com/v1/", "model": "gpt-4o-mini",
+                                  "api_key_env": "PROVIDER_KEY", "max_inflight_per_endpoint": 8,
+                                  "tls": {"ca": "/etc/ca.pem"}}}, m=MESH)
+    spec = cfg.models["gpt"].backend
+    assert spec.base_url == "https://api.example.com/v1" and spec.openai_api == "chat"
+    assert cfg.models["gpt"].external and list(cfg.scaled_models) == ["m"]
+    [replica] = external_table(cfg)["gpt"]
+    assert (replica.address, replica.kind, replica.max_inflight) == ("https://api.example.com/v1", "openai", 8)
+    assert secrets_from_env(cfg, {"PROVIDER_KEY": "sk-1"}) == {"gpt": "sk-1"}
+    with pytest.raises(Exception, match="models.gpt.backend.api_key_env: environment variable PROVIDER_KEY"):
+        secrets_from_env(cfg, {})
+    with pytest.raises(ConfigError, match="kind 'openai' serves the model itself"):
+        config(gpt={"source": "store://m/1", "backend": {"kind": "openai", "base_url": "http://h/v1"}})

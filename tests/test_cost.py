@@ -135,3 +135,18 @@ def test_idle_capacity_is_replica_time_no_request_used() -> None:
     assert (lines["e"].idle_s, lines["e"].idle_cost) == (80.0, 0.8)
     assert lines["f"].idle_s == 0.0                    # busier than its replica time: never negative
     assert "idle capacity" in format_idle(list(lines.values()))
+
+
+def test_tokens_priced_per_direction_with_per_1k_tokens_the_default_of_each() -> None:
+    from cmesh.cost import price
+
+    cfg = parse_config({"models": {
+        "gpt": {"backend": {"kind": "openai", "base_url": "https://api.example/v1"},
+                "price": {"per_1k_input_tokens": 0.15, "per_1k_output_tokens": 0.6}},
+        "half": {"source": "store://m/1", "price": {"per_1k_tokens": 0.2, "per_1k_output_tokens": 1.0}},
+        "flat": {"source": "store://m/1", "price": {"per_1k_tokens": 0.5, "replica_second": 0.01}}}})
+    assert price(cfg, "gpt", 3.0, 2000, 1000) == pytest.approx(2 * 0.15 + 0.6)
+    assert price(cfg, "half", 0.0, 1000, 1000) == pytest.approx(0.2 + 1.0)
+    assert price(cfg, "flat", 2.0, 1000, 1000) == pytest.approx(0.02 + 2 * 0.5)
+    lines = by_key(build_report([row(model="gpt", input_tokens=4000, output_tokens=500, compute_s=1.0)], cfg, "model"))
+    assert lines["gpt"].cost == pytest.approx(4 * 0.15 + 0.5 * 0.6)

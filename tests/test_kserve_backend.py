@@ -92,7 +92,7 @@ def oip(*addresses: str) -> dict:
 
 @pytest.fixture(scope="module")
 async def mesh(tmp_path_factory):
-    from router.backends.oip import secrets_from_env
+    from router.backends.secrets import secrets_from_env
     from router.server import RouterOptions, RouterServer
 
     python = kserve_python()

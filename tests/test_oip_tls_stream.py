@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from cmesh.client import AsyncClient, build_request
 from meshtest import mesh_config, running_server
 from protos import inference_pb2 as pb
-from router.backends.oip import secrets_from_env
+from router.backends.secrets import secrets_from_env
 from router.server import RouterOptions, RouterServer
 
 TOKEN = "oip-stream-token"

@@ -2,8 +2,9 @@
 behind one interface").
 
 A ``Backend`` is a connection to one endpoint of one kind: a mesh replica
-(``router.backends.mesh``) or any Open Inference Protocol server
-(``router.backends.oip``). The core never sees a transport: it leases an endpoint
+(``router.backends.mesh``), any Open Inference Protocol server
+(``router.backends.oip``) or an OpenAI-compatible HTTP API
+(``router.backends.openai_http``). The core never sees a transport: it leases an endpoint
 from the model's dispatcher, asks ``Backends`` for that endpoint's backend and
 calls it. Unit tests inject fakes of both (``tests/fakes.py``).
 

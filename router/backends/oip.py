@@ -16,13 +16,12 @@ ejection treat both alike.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 
 import grpc
 
 from cmesh import wire
 from cmesh.config import BackendConfig, MeshConfig
-from cmesh.errors import InvalidInput
 from cmesh.tls import open_channel
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
@@ -40,21 +39,6 @@ def backend_specs(config: MeshConfig) -> dict[str, BackendConfig]:
         if spec is not None:
             specs[name] = spec
     return specs
-
-
-def secrets_from_env(config: MeshConfig, environ: Mapping[str, str]) -> dict[str, str]:
-    """The credential of every oip backend that names one, by model, read at the
-    entry point. A named variable that is unset is a start-up error."""
-    secrets = {}
-    for model, spec in backend_specs(config).items():
-        if spec.credential is None:
-            continue
-        value = environ.get(spec.credential.env)
-        if not value:
-            raise InvalidInput(f"models.{model}.backend.credential.env",
-                               f"environment variable {spec.credential.env} is not set")
-        secrets[model] = value
-    return secrets
 
 
 class OipBackend:

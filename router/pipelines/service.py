@@ -117,7 +117,7 @@ class PipelineRunner:
         config = self.core.config
         total = 0.0
         for n in trace.nodes:
-            n.cost = price(config, n.model_used or n.model, n.compute_ms / 1000.0, n.input_tokens + n.output_tokens)
+            n.cost = price(config, n.model_used or n.model, n.compute_ms / 1000.0, n.input_tokens, n.output_tokens)
             total += n.cost
         trace.request_id = request.request_id
         return mesh_pb2.RunResponse(pipeline=request.pipeline, answer=str(outcome.answer or ""),
