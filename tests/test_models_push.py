@@ -264,7 +264,7 @@ def test_bad_names_and_a_failed_dry_run_load_are_exit_2(tmp_path, capsys):
 
 
 def test_store_option_flags_parse_yaml_values():
-    from cmesh.cli_models import store_options
+    from cmesh.cli.push import store_options
 
     assert store_options(["endpoint_url=http://h:1", "anon=true", "client_kwargs={region_name: x}"]) == {
         "endpoint_url": "http://h:1", "anon": True, "client_kwargs": {"region_name": "x"}}
