@@ -438,3 +438,30 @@ async def test_the_far_key_is_required_at_start() -> None:
     with pytest.raises(Exception, match="NOPE is not set"):
         secrets_from_env(config, {})
     await asyncio.sleep(0)
+
+
+async def test_chat_through_the_front_door_sends_the_messages_themselves_masked(provider) -> None:
+    """The OpenAI front door in front of an openai backend: the provider gets the
+    caller's messages (it applies its own chat template), not our rendering of them
+    as one prompt, and the trust layer has masked them before they left."""
+    import openai
+
+    provider.sse = [json.dumps({"choices": [{"index": 0, "delta": {"content": "hello"}, "finish_reason": None}]}),
+                    json.dumps({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}), "[DONE]"]
+    config = parse_config({"models": {"gpt": {"backend": {"kind": "openai", "base_url": provider.base,
+                                                          "model": "gpt-x", "api_key_env": "GPT_KEY"}}}})
+    router = RouterServer(config, RouterOptions(port=0, http_port=0,
+                                                backend_secrets=secrets_from_env(config, {"GPT_KEY": "s3cret"})))
+    await router.start()
+    try:
+        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{router.http_port}/v1", api_key="x",
+                                      max_retries=0) as client:
+            answer = await client.chat.completions.create(model="gpt", max_tokens=5, messages=[
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": f"Mail {EMAIL} about order 1042"}])
+    finally:
+        await router.stop(grace=1.0)
+    assert answer.choices[0].message.content == "hello" and answer.usage.prompt_tokens == 7
+    _, body = provider.seen[-1]
+    assert body["messages"] == [{"role": "system", "content": "You are terse."},
+                                {"role": "user", "content": "Mail [EMAIL] about order 1042"}]

@@ -32,6 +32,11 @@ from protos import inference_pb2 as pb
 from router.backends.base import BackendError
 
 TEXT_IN, TEXT_OUT = "text_input", "text_output"         # generative (hf-causal-lm)
+# A chat's messages as JSON in a BYTES input, from a front door that has them (the
+# OpenAI one): sent as they are instead of one user message, so the provider applies
+# its own chat template. A tensor, not a parameter, so the trust layer masks it too.
+MESSAGES_IN = "messages"
+MAX_MESSAGES = 256
 EMBED_IN, EMBED_OUT = "text", "embedding"               # encoders (hf-encoder)
 PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 # Request parameters the provider understands, as OpenAI names them.
@@ -68,6 +73,21 @@ def _texts(request: pb.ModelInferRequest, expected: str) -> list[str]:
     if values.dtype != np.object_:
         raise InvalidInput(expected, "must be BYTES text")
     return [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v) for v in values.reshape(-1)]
+
+
+def _messages(request: pb.ModelInferRequest) -> list[dict] | None:
+    if not any(t.name == MESSAGES_IN for t in request.inputs):
+        return None
+    (raw,) = decode_inputs(request)[MESSAGES_IN].reshape(-1)[:1] or [b""]
+    try:
+        messages = json.loads(raw)
+    except ValueError:
+        raise InvalidInput(MESSAGES_IN, "must be a JSON array of {role, content}") from None
+    if not isinstance(messages, list) or not 0 < len(messages) <= MAX_MESSAGES or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise InvalidInput(MESSAGES_IN, f"must be a JSON array of 1 to {MAX_MESSAGES} {{role, content}} strings")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _stops(value) -> list[str]:
@@ -115,7 +135,7 @@ def request_body(spec: BackendConfig, model: str, request: pb.ModelInferRequest,
     if len(texts) != 1:
         raise InvalidInput(name_in, f"a generative model takes one prompt, got {len(texts)}")
     if api == "chat":
-        body["messages"] = [{"role": "user", "content": texts[0]}]
+        body["messages"] = _messages(request) or [{"role": "user", "content": texts[0]}]
     else:
         body["prompt"] = texts[0]
     body.update(_generation(decode_parameters(request.parameters)))

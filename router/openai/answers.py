@@ -24,6 +24,7 @@ from cmesh.client import build_request
 from cmesh.errors import InvalidInput, MeshError, NotFound, quote
 from cmesh.tensors import decode_outputs
 from protos import mesh_pb2
+from router.backends.openai_wire import MESSAGES_IN
 from router.call import Call
 from router.openai.prompts import StopCutter, render_chat
 from router.openai.schema import ChatRequest, CompletionRequest
@@ -72,7 +73,7 @@ class Answers:
     # -- models ----------------------------------------------------------------------
 
     async def _model(self, md, remaining, body, chat: bool):
-        model = body.model
+        model, config = body.model, self.core.config
         require_public(self.core.config, model)       # before anything about it is told
         manifest = await self.manifests.get(model)
         if manifest.inputs[0].datatype != "BYTES" or manifest.outputs[0].datatype != "BYTES":
@@ -91,8 +92,13 @@ class Answers:
             params["seed"] = body.seed
         if body.stops:
             params["stop"] = json.dumps(body.stops)     # InferParameter holds no list
-        request = build_request(model, {manifest.inputs[0].name: np.array([prompt.encode("utf-8")], dtype=object)},
-                                parameters=params)
+        inputs = {manifest.inputs[0].name: np.array([prompt.encode("utf-8")], dtype=object)}
+        backend = config.models[model].backend
+        if chat and backend.kind == "openai" and backend.openai_api == "chat":
+            # The provider templates the messages itself (router.backends.openai_wire).
+            messages = json.dumps([{"role": m.role, "content": m.text} for m in body.messages])
+            inputs[MESSAGES_IN] = np.array([messages.encode("utf-8")], dtype=object)
+        request = build_request(model, inputs, parameters=params)
         call = self.door.call_of(md, remaining, request)
         # The answer's id is the metered request id (the idempotency key when sent).
         call.request_id = call.request_id or self.core.admission.new_id()
