@@ -17,7 +17,10 @@ from meshtest import REPO
 
 EXPECTED_WHEELS = {"pydantic", "pydantic-core", "annotated-types", "typing-extensions", "typing-inspection",
                    "grpcio-status", "grpcio-health-checking", "googleapis-common-protos", "redis",
-                   "pytest", "pytest-asyncio", "pytest-timeout", "pluggy", "iniconfig", "packaging", "pygments"}
+                   "pytest", "pytest-asyncio", "pytest-timeout", "pluggy", "iniconfig", "packaging", "pygments",
+                   # the router's OpenAI front door (aiohttp) and chat templates (jinja2)
+                   "aiohttp", "aiohappyeyeballs", "aiosignal", "attrs", "frozenlist", "idna", "multidict",
+                   "propcache", "yarl", "jinja2", "markupsafe"}
 
 
 # -- pure parts -----------------------------------------------------------------------
