@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cmesh.bootstrap.base import BuildContext
 from cmesh.bootstrap.tiny_llm import ARTIFACTS
 from cmesh.errors import Draining, Internal, InvalidInput, ResourceExhausted
 from cmesh.manifest import parse_manifest
@@ -31,14 +30,10 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="session")
-def llm_dir(tmp_path_factory) -> Path:
-    """tiny-llm/1 built by its own recipe into a private store, once per session."""
-    artifact = next(a for a in ARTIFACTS if a.key == "tiny-llm/1")
-    root = tmp_path_factory.mktemp("llm-store")
-    out = root / artifact.name / artifact.version
-    out.mkdir(parents=True)
-    artifact.build(out, BuildContext(store=root, progress=lambda line: None))
-    return out
+def llm_dir(demo_store) -> Path:
+    """tiny-llm/1 of the demo store: its recipe trains on prompts made with the store's
+    embedder and kb-index, so it is built there, with them, once."""
+    return demo_store / "tiny-llm" / "1"
 
 
 @pytest.fixture(scope="session")
