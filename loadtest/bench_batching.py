@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N, for every run")
     args = p.parse_args(argv)
 
-    from cmesh.bootstrap import bootstrap
+    from demo_store import bootstrap
 
     store = Path(args.store)
     bootstrap(store, progress=lambda line: print(line, flush=True), only=["minilm-l6/1"])

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-fork-server", action="store_true",
                    help="replicas start as fresh processes (no pre-imported fork server)")
     args = p.parse_args(argv)
-    from cmesh.bootstrap import bootstrap
+    from demo_store import bootstrap
 
     store = Path(args.store).resolve()
     bootstrap(store, progress=lambda line: print(line, flush=True))

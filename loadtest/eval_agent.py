@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--questions", default=str(QUESTIONS), help="held-out questions (YAML)")
     p.add_argument("--show", action="store_true", help="print every question and answer")
     args = p.parse_args(argv)
-    from cmesh.bootstrap import bootstrap
+    from demo_store import bootstrap
 
     started = time.monotonic()
     store = Path(args.store).resolve()

@@ -175,7 +175,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cmesh.bootstrap import bootstrap
+    from demo_store import bootstrap
 
     def log(line: str) -> None:
         print(line, flush=True)

@@ -179,7 +179,7 @@ def download_wheels(pins: list[Pin], cache: Path, *, pip: tuple[str, ...] | None
 
 def ensure_source_store(source: Path, log: Callable[[str], None] = print) -> None:
     """The models the check needs, built (idempotently) where they are missing."""
-    from cmesh.bootstrap import bootstrap
+    from demo_store import bootstrap
 
     bootstrap(source, progress=lambda line: log(f"  {line}"), only=list(STORE_MODELS))
 

@@ -25,7 +25,7 @@ def demo_store() -> Path:
 
     Built by the same code as `cmesh models bootstrap`; idempotent, so a second
     test run reuses it."""
-    from cmesh.bootstrap import bootstrap
+    from demo_store import bootstrap
 
     bootstrap(TEST_STORE, progress=lambda line: None)
     return TEST_STORE

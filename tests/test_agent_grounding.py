@@ -1,5 +1,5 @@
 """The demo agent answers from its inputs: the tiny LLMs are trained on dialogues in the
-support-agent pipeline's own prompt format (cmesh/bootstrap/agent_corpus.py), the
+support-agent pipeline's own prompt format (demo_store/agent_corpus.py), the
 training prompts are byte for byte what the pipeline sends, the evaluation's questions
 are held out, and the real pipeline's answers use the order row and the article."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import re
 import grpc
 import pytest
 
-from cmesh.bootstrap import agent_corpus
-from cmesh.bootstrap.base import DATA_DIR
+from demo_store import agent_corpus
+from demo_store.base import DATA_DIR
 from cmesh.config import load_config, parse_config
 from loadtest.eval_agent import LLM, PIPELINE, eval_config, grounded, load_questions
 from meshtest import REPO, identity_text_model, running_router, running_server

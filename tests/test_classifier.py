@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from cmesh.bootstrap import classifier
-from cmesh.bootstrap.base import BuildContext
+from demo_store import classifier
+from demo_store.base import BuildContext
 from cmesh.errors import InvalidInput
 from cmesh.manifest import parse_manifest
 from model_server.engines import text_featurize as tf

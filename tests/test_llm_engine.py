@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cmesh.bootstrap.tiny_llm import ARTIFACTS
+from demo_store.tiny_llm import ARTIFACTS
 from cmesh.errors import Draining, Internal, InvalidInput, ResourceExhausted
 from cmesh.manifest import parse_manifest
 from model_server.engines.base import EngineContext, InferItem, engine_class

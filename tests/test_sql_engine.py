@@ -8,8 +8,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from cmesh.bootstrap import _build_atomically, sql_orders
-from cmesh.bootstrap.base import BuildContext
+from demo_store import _build_atomically, sql_orders
+from demo_store.base import BuildContext
 from cmesh.errors import DeadlineExceeded, InvalidInput
 from cmesh.store import ModelStore
 from model_server.engines.base import EngineContext, InferItem

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from cmesh.bootstrap import _build_atomically, kb_index, minilm
-from cmesh.bootstrap.base import BuildContext
+from demo_store import _build_atomically, kb_index, minilm
+from demo_store.base import BuildContext
 from cmesh.errors import InvalidInput
 from cmesh.store import ModelStore
 from model_server.engines.base import EngineContext, InferItem

@@ -11,7 +11,7 @@ from cmesh.cli.push import add_push_parser, add_store_options, store_options
 
 
 def _cmd_models_bootstrap(args: argparse.Namespace) -> int:
-    from cmesh.bootstrap import bootstrap
+    from demo_store import bootstrap
 
     store = Path(args.store)
     started = time.monotonic()

@@ -1,6 +1,6 @@
 """Hashed n-gram features for the fastText-style text classifier.
 
-Training (``cmesh/bootstrap/classifier.py``) and serving (``text_classifier``)
+Training (``demo_store/classifier.py``) and serving (``text_classifier``)
 import this one module, so the features a model learned from are, by
 construction, the features it is served with. It is pure Python + numpy (no
 torch) and fully deterministic: the hash is ``zlib.crc32``, never Python's

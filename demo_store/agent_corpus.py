@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from cmesh.bootstrap.base import DATA_DIR
+from demo_store.base import DATA_DIR
 
 DIALOGUES_FILE = "agent_dialogues.yaml"
 # The support-agent answer node's input, exactly as compose/mesh.yaml spells it
@@ -136,7 +136,7 @@ class Retriever:
     """The pipeline's retrieval, offline: the built embedder and kb-index engines."""
 
     def __init__(self, embedder_dir: Path, index_dir: Path) -> None:
-        from cmesh.bootstrap.kb_index import load_embedder
+        from demo_store.kb_index import load_embedder
         from cmesh.manifest import MANIFEST_FILE, parse_manifest
         from model_server.engines.base import EngineContext
         from model_server.engines.vector_index import VectorIndexEngine

@@ -6,7 +6,7 @@ import hashlib
 import sqlite3
 from pathlib import Path
 
-from cmesh.bootstrap.base import DATA_DIR, Artifact, BuildContext
+from demo_store.base import DATA_DIR, Artifact, BuildContext
 from cmesh.manifest import MANIFEST_FILE, Manifest, dump_manifest
 
 CSV_FILE = "orders.csv"
@@ -91,7 +91,7 @@ def build(out: Path, ctx: BuildContext) -> None:
         # The schema travels with the model so an agent can be prompted with it.
         metadata={"tables": {"orders": list(COLUMNS)}, "column_notes": NOTES,
                   "row_count": len(rows),
-                  "schema": " ".join(SCHEMA.split()), "source": f"cmesh/data/{CSV_FILE}"},
+                  "schema": " ".join(SCHEMA.split()), "source": f"demo_store/data/{CSV_FILE}"},
     )
     (out / MANIFEST_FILE).write_text(dump_manifest(manifest))
     ctx.progress(f"  wrote {DB_FILE} with {len(rows)} orders")

@@ -3,7 +3,7 @@
 The model is an ``EmbeddingBag(mean)`` over hashed word/bigram/char-trigram
 features (``model_server.engines.text_featurize``, the same code the serving
 engine uses) followed by one linear layer: tiny, CPU-fast, and trainable in a
-few seconds from the labelled set shipped in ``cmesh/data/intents.jsonl``.
+few seconds from the labelled set shipped in ``demo_store/data/intents.jsonl``.
 
 Training is seeded and single-process deterministic (fixed epochs, seeded init
 and shuffling, two threads), so two bootstraps of the same data produce the
@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cmesh.bootstrap.base import DATA_DIR, Artifact, BuildContext
+from demo_store.base import DATA_DIR, Artifact, BuildContext
 from cmesh.manifest import Manifest, dump_manifest
 from model_server.engines.text_featurize import FEATURIZER_VERSION, featurize, pack
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmesh import completion
-from cmesh.bootstrap.base import Artifact, BuildContext
+from demo_store.base import Artifact, BuildContext
 from cmesh.completion import COMPLETE_FILE
 
 STAMP = ".cmesh-build.json"

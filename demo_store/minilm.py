@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from cmesh.bootstrap.base import Artifact, BuildContext
+from demo_store.base import Artifact, BuildContext
 from cmesh.manifest import Manifest, dump_manifest
 
 _FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",

@@ -5,14 +5,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 @dataclass(frozen=True)
 class BuildContext:
     store: Path                          # root of the local store being built
     progress: Callable[[str], None]      # one line of progress for the user
-    data_dir: Path = DATA_DIR            # shipped source data (cmesh/data)
+    data_dir: Path = DATA_DIR            # shipped source data (demo_store/data)
     seed: int = 0
 
     def version_dir(self, name: str, version: str) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmesh.bootstrap.base import DATA_DIR, Artifact, BuildContext
+from demo_store.base import DATA_DIR, Artifact, BuildContext
 from cmesh.manifest import MANIFEST_FILE, Manifest, dump_manifest, parse_manifest
 
 EMBEDDER = ("minilm-l6", "1")
@@ -97,7 +97,7 @@ def build(out: Path, ctx: BuildContext) -> None:
         options={"top_k": 3, "max_top_k": 20, "embedder": "/".join(EMBEDDER),
                  "embeddings": EMBEDDINGS_FILE, "docs": DOCS_FILE},
         metadata={"doc_count": len(articles), "dimensions": DIMENSIONS,
-                  "source": f"cmesh/data/{KB_FILE}"},
+                  "source": f"demo_store/data/{KB_FILE}"},
     )
     (out / MANIFEST_FILE).write_text(dump_manifest(manifest))
     ctx.progress(f"  indexed {len(articles)} articles")

@@ -1,6 +1,6 @@
 """Demo-store recipes for ``tiny-llm/1`` and ``tiny-llm/2``: two small GPT-2 style
 causal LMs with a byte-level BPE tokenizer, trained offline on the shipped
-customer-support corpus (``cmesh/data/llm_corpus.txt``) and on grounded dialogues in
+customer-support corpus (``demo_store/data/llm_corpus.txt``) and on grounded dialogues in
 the support-agent pipeline's own prompt format (``agent_corpus``: ``Knowledge: …
 Order: … Customer: … Agent:``, made with the store's built embedder and kb-index),
 whose answers restate the order row or paraphrase the top passage.
@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmesh.bootstrap import agent_corpus
-from cmesh.bootstrap.agent_corpus import dialogue_text
-from cmesh.bootstrap.base import Artifact, BuildContext
+from demo_store import agent_corpus
+from demo_store.agent_corpus import dialogue_text
+from demo_store.base import Artifact, BuildContext
 from cmesh.manifest import MANIFEST_FILE, Manifest, dump_manifest
 
 CORPUS_FILE = "llm_corpus.txt"
@@ -71,7 +71,7 @@ def corpus_documents(data_dir: Path) -> list[str]:
     return [doc.strip() for doc in text.split("\n\n") if doc.strip()]
 
 
-# Grounded dialogues (cmesh/bootstrap/agent_corpus.py): order questions with a found row,
+# Grounded dialogues (demo_store/agent_corpus.py): order questions with a found row,
 # with an unknown number, with no lookup; every article question comes on top.
 GROUNDED_COUNTS = {"n_orders": 6000, "n_not_found": 300, "n_unlooked": 300}
 # How often each kind of grounded dialogue is trained on, whatever their counts.
@@ -286,7 +286,7 @@ def build_variant(spec: VariantSpec, out: Path, ctx: BuildContext) -> None:
                   "training_steps": spec.steps, "plain_tokens": len(ids),
                   "grounded_dialogues": {k: len(v) for k, v in sorted(examples.items())},
                   "final_loss": round(loss, 4), "seed": ctx.seed + int(spec.version),
-                  "corpus": [CORPUS_FILE, agent_corpus.DIALOGUES_FILE]})
+                  "corpus": [CORPUS_FILE, agent_corpus.DIALOGUES_FILE], "chat_template": CHAT_TEMPLATE})
     (out / MANIFEST_FILE).write_text(dump_manifest(manifest), encoding="utf-8")
     ctx.progress(f"tiny-llm/{spec.version}: {params:,} parameters, loss {loss:.3f}, "
                  f"built in {time.monotonic() - started:.1f}s")
@@ -312,11 +312,19 @@ def _recipe(spec: VariantSpec):
     return build
 
 
+# The dialogue format the models are trained on, as a chat template (Jinja, the
+# Hugging Face convention) the OpenAI front door renders messages with.
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m.role == 'user' %}Customer: {{ m.content }}\n"
+                 "{% elif m.role == 'assistant' %}Agent: {{ m.content }}\n"
+                 "{% else %}{{ m.content }}\n{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}Agent:{% endif %}")
+
+
 def _fingerprint(spec: VariantSpec) -> str:
     # Recipe revision, the variant's spec and the data the dialogues come from, so an
     # edit to any of them rebuilds existing stores.
-    digest = hashlib.sha256(repr((spec, KIND_WEIGHTS, GROUNDED_COUNTS)).encode()).hexdigest()[:8]
-    return f"2-{digest}-{agent_corpus.data_digest()}"
+    digest = hashlib.sha256(repr((spec, KIND_WEIGHTS, GROUNDED_COUNTS, CHAT_TEMPLATE)).encode()).hexdigest()[:8]
+    return f"3-{digest}-{agent_corpus.data_digest()}"
 
 
 ARTIFACTS: list[Artifact] = [
