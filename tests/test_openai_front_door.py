@@ -248,3 +248,15 @@ async def test_a_client_disconnect_mid_stream_frees_the_replica_slot(mesh) -> No
                 break
         await stream.close()
     assert got == 3 and busy == 1 and await settled() == 0
+
+
+async def test_nothing_about_a_model_is_told_before_the_caller_is_known(mesh) -> None:
+    async with async_client(mesh, "wrong-key") as client:
+        for call in (lambda: client.chat.completions.create(model="no-such-model", messages=ORDER_QUESTION),
+                     lambda: client.embeddings.create(model="dialogue-llm", input="x"),
+                     lambda: client.chat.completions.create(model="support-agent", messages=ORDER_QUESTION)):
+            with pytest.raises(openai.AuthenticationError):
+                await call()
+    async with async_client(mesh, OTHER_KEY) as client:
+        with pytest.raises(openai.PermissionDeniedError):           # kb-index is not for tenant "other"
+            await client.embeddings.create(model="kb-index", input="x")

@@ -63,18 +63,21 @@ class Answers:
                        body: ChatRequest | CompletionRequest) -> dict | AsyncIterator[dict]:
         chat = isinstance(body, ChatRequest)
         config = self.core.config
+        # Who is calling, before anything about a model is told (or looked up).
+        principal = self.door.auth.authenticate(md.get("authorization"))
         if body.model in config.models:
-            return await self._model(md, remaining, body, chat)
+            return await self._model(principal, md, remaining, body, chat)
         if body.model in config.pipelines:
-            return await self._pipeline(md, remaining, body, chat)
+            return await self._pipeline(principal, md, remaining, body, chat)
         raise NotFound(f"unknown model {quote(body.model)}: neither a model nor a pipeline of this mesh",
                        component=body.model)
 
     # -- models ----------------------------------------------------------------------
 
-    async def _model(self, md, remaining, body, chat: bool):
+    async def _model(self, principal, md, remaining, body, chat: bool):
         model, config = body.model, self.core.config
-        require_public(self.core.config, model)       # before anything about it is told
+        require_public(config, model)
+        self.door.gate.check_model(principal, model)
         manifest = await self.manifests.get(model)
         if manifest.inputs[0].datatype != "BYTES" or manifest.outputs[0].datatype != "BYTES":
             raise InvalidInput("model", f"{model!r} is not a text generation model "
@@ -99,7 +102,7 @@ class Answers:
             messages = json.dumps([{"role": m.role, "content": m.text} for m in body.messages])
             inputs[MESSAGES_IN] = np.array([messages.encode("utf-8")], dtype=object)
         request = build_request(model, inputs, parameters=params)
-        call = self.door.call_of(md, remaining, request)
+        call = self.door.call_of(md, remaining, request, principal)
         # The answer's id is the metered request id (the idempotency key when sent).
         call.request_id = call.request_id or self.core.admission.new_id()
         shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + call.request_id, int(self._wall()),
@@ -149,7 +152,7 @@ class Answers:
 
     # -- pipelines ---------------------------------------------------------------------
 
-    async def _pipeline(self, md, remaining, body, chat: bool):
+    async def _pipeline(self, principal, md, remaining, body, chat: bool):
         if chat:
             users = [m.text for m in body.messages if m.role == "user"]
             if not users:
@@ -157,7 +160,6 @@ class Answers:
             text = users[-1]
         else:
             text = body.text
-        principal = self.door.auth.authenticate(md.get("authorization"))
         limit = self.core.config.server.limits.max_id_chars
         request_id = wire.text(wire.P_REQUEST_ID, md.get(wire.P_REQUEST_ID), limit) or self.core.admission.new_id()
         request = mesh_pb2.RunRequest(pipeline=body.model, inputs={"text": text}, request_id=request_id,

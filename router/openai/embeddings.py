@@ -24,15 +24,17 @@ class Embeddings:
 
     async def embed(self, md: Mapping[str, str], remaining: float | None, body: EmbeddingRequest) -> dict:
         model = body.model
+        principal = self.door.auth.authenticate(md.get("authorization"))   # before anything is told
         if model not in self.core.config.models:
             raise NotFound(f"unknown model {quote(model)}", component=model)
-        require_public(self.core.config, model)       # before anything about it is told
+        require_public(self.core.config, model)
+        self.door.gate.check_model(principal, model)
         manifest = await self.manifests.get(model)
         out = manifest.outputs[0]
         if manifest.inputs[0].datatype != "BYTES" or out.datatype != "FP32" or len(out.shape) != 2:
             raise InvalidInput("model", f"{model!r} is not an embedding model (text in, FP32 [n, d] out)")
         texts = np.array([t.encode("utf-8") for t in body.texts], dtype=object)
-        call = self.door.call_of(md, remaining, build_request(model, {manifest.inputs[0].name: texts}))
+        call = self.door.call_of(md, remaining, build_request(model, {manifest.inputs[0].name: texts}), principal)
         vectors = decode_outputs(await self.core.infer(call)).get(out.name)
         if vectors is None or vectors.ndim != 2 or len(vectors) != len(texts):
             raise Unavailable(f"{model!r} answered no [{len(texts)}, d] {out.name!r} output", component=model)
