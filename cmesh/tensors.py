@@ -213,6 +213,13 @@ def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     return out
 
 
+def output_texts(response: pb.ModelInferResponse) -> list[str]:
+    """Client side: each output's text (its elements decoded as UTF-8 and joined),
+    e.g. one streamed token piece of a generative model."""
+    return ["".join(v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+                    for v in array.reshape(-1)) for array in decode_outputs(response).values()]
+
+
 def encode_inputs(request: pb.ModelInferRequest, inputs: Mapping[str, np.ndarray]) -> None:
     """Client side: add numpy inputs to a request in raw form."""
     for name, array in inputs.items():

@@ -260,3 +260,11 @@ async def test_nothing_about_a_model_is_told_before_the_caller_is_known(mesh) ->
     async with async_client(mesh, OTHER_KEY) as client:
         with pytest.raises(openai.PermissionDeniedError):           # kb-index is not for tenant "other"
             await client.embeddings.create(model="kb-index", input="x")
+
+
+async def test_an_overlong_request_id_is_refused_by_name_for_models_and_pipelines(mesh) -> None:
+    async with async_client(mesh, default_headers={"x-request-id": "r" * 5000}) as client:
+        for model in ("dialogue-llm", "support-agent"):
+            with pytest.raises(openai.BadRequestError) as bad:
+                await client.chat.completions.create(model=model, messages=ORDER_QUESTION, max_tokens=4)
+            assert "request" in bad.value.body["param"] and "characters" not in bad.value.body["param"]

@@ -9,6 +9,7 @@ import sys
 
 import grpc
 
+from cmesh.cli.defaults import DEFAULT_ROUTER
 from protos import mesh_pb2, mesh_pb2_grpc
 
 
@@ -97,7 +98,7 @@ def add_parser(sub) -> None:
                               description="Run a pipeline of the mesh through the router, or draw its graph.")
     psub = pipeline.add_subparsers(dest="pipeline_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--router", default="127.0.0.1:8000", help="host:port of the router")
+    common.add_argument("--router", default=DEFAULT_ROUTER, help="host:port of the router")
     common.add_argument("--api-key", default=None, help="tenant API key (default: $CMESH_API_KEY)")
     common.add_argument("--timeout", type=float, default=120.0)
     run = psub.add_parser("run", parents=[common], help="run a pipeline on a text",

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_CONFIG = "compose/mesh.yaml"
+from cmesh.cli.defaults import DEFAULT_CONFIG
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from google.protobuf.json_format import MessageToDict
 from cmesh import wire
 from cmesh.client import build_request
 from cmesh.errors import InvalidInput, MeshError, NotFound, quote
-from cmesh.tensors import decode_outputs
+from cmesh.tensors import output_texts
 from protos import mesh_pb2
 from router.backends.openai_wire import MESSAGES_IN
 from router.call import Call
@@ -44,11 +44,6 @@ async def primed(stream: AsyncIterator[dict]) -> AsyncIterator[dict]:
             await stream.aclose()
 
     return rest()
-
-
-def _texts(response) -> str:
-    return "".join(v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
-                   for piece in decode_outputs(response).values() for v in piece.reshape(-1))
 
 
 class Answers:
@@ -120,7 +115,7 @@ class Answers:
         # Consumed to the end even past a stop: the engine ends there itself, and the
         # last response carries the usage the core meters.
         async for response in self.core.stream(call):
-            out = cutter.feed(_texts(response))
+            out = cutter.feed("".join(output_texts(response)))
             if out:
                 yield out
         tail = cutter.flush()
@@ -160,10 +155,10 @@ class Answers:
             text = users[-1]
         else:
             text = body.text
-        limit = self.core.config.server.limits.max_id_chars
-        request_id = wire.text(wire.P_REQUEST_ID, md.get(wire.P_REQUEST_ID), limit) or self.core.admission.new_id()
-        request = mesh_pb2.RunRequest(pipeline=body.model, inputs={"text": text}, request_id=request_id,
-                                      session=wire.text(wire.P_SESSION, md.get(wire.P_SESSION), limit))
+        # The runner validates the ids (as for a gRPC RunRequest).
+        request = mesh_pb2.RunRequest(pipeline=body.model, inputs={"text": text},
+                                      request_id=md.get(wire.P_REQUEST_ID) or self.core.admission.new_id(),
+                                      session=md.get(wire.P_SESSION, ""))
         budget = remaining if remaining is not None else self.core.config.router.default_timeout_s
         shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request.request_id,
                       int(self._wall()), body.model, body.include_usage)

@@ -18,7 +18,7 @@ from cmesh.expr import ExprError, evaluate, parse
 from cmesh.pipeline_check import render_params
 from cmesh.manifest import Manifest
 from router.manifests import ManifestCache
-from cmesh.tensors import decode_outputs
+from cmesh.tensors import decode_outputs, output_texts
 from router.auth import Principal
 from router.call import Call
 from router.core import RouterCore
@@ -56,8 +56,7 @@ class NodeCaller:
         pieces: list[str] = []
         if on_token is not None:
             async for response in self.core.stream(call):
-                for piece in decode_outputs(response).values():
-                    text = "".join(v.decode("utf-8", errors="replace") for v in piece.reshape(-1))
+                for text in output_texts(response):
                     pieces.append(text)
                     result = on_token(text)
                     if asyncio.iscoroutine(result):
