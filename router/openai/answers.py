@@ -29,7 +29,7 @@ from router.call import Call
 from router.openai.prompts import StopCutter, render_chat
 from router.openai.schema import ChatRequest, CompletionRequest
 from router.openai.shapes import Shape, usage
-from router.servicer import require_public
+from router.servicer import answer_margin_s, require_public
 
 
 async def primed(stream: AsyncIterator[dict]) -> AsyncIterator[dict]:
@@ -159,7 +159,9 @@ class Answers:
         request = mesh_pb2.RunRequest(pipeline=body.model, inputs={"text": text},
                                       request_id=md.get(wire.P_REQUEST_ID) or self.core.admission.new_id(),
                                       session=md.get(wire.P_SESSION, ""))
-        budget = remaining if remaining is not None else self.core.config.router.default_timeout_s
+        # As FrontDoor.call_of does for a model: our own error must beat the caller's deadline.
+        budget = self.core.config.router.default_timeout_s if remaining is None \
+            else remaining - answer_margin_s(remaining)
         shape = Shape(chat, ("chatcmpl-" if chat else "cmpl-") + request.request_id,
                       int(self._wall()), body.model, body.include_usage)
         cutter = StopCutter(body.stops)
