@@ -93,6 +93,30 @@ class VariantConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class RolloutConfig(Strict):
+    """A canary of one variant, moved through traffic steps by the autoscaler, which
+    compares it with the baseline (every other variant) over each step and rolls it
+    back by itself on a breach (``autoscaler.canary``)."""
+
+    canary: str = Field(min_length=1, description="the variant being rolled out")
+    steps: list[float] = Field(default_factory=lambda: [5.0, 25.0, 50.0, 100.0], min_length=1,
+                               description="canary traffic in percent, ascending, each in (0, 100]")
+    interval_s: float = Field(60.0, gt=0, description="time at each step before moving to the next")
+    max_error_rate: float = Field(0.01, ge=0, le=1,
+                                  description="canary error rate above the baseline's by more: roll back")
+    max_p95_ratio: float = Field(1.5, gt=0, description="canary P95 over the baseline's above this: roll back")
+    min_requests: int = Field(20, ge=1, description="canary requests in a step before it is judged")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[float]) -> list[float]:
+        if any(not 0 < s <= 100 for s in v):
+            raise ValueError("must each be in (0, 100]")
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("must be strictly ascending")
+        return v
+
+
 class ModelTrustConfig(Strict):
     """What the trust layer does to one model's answers (inputs are always masked)."""
 
@@ -104,6 +128,7 @@ class ModelTrustConfig(Strict):
 class ModelConfig(Strict):
     source: str | None = Field(None, min_length=1, description="store://name/version, path or URL")
     variants: dict[str, VariantConfig] | None = None
+    rollout: RolloutConfig | None = Field(None, description="a canary of one variant with automatic analysis")
     engine: str | None = Field(None, description="defaults to the manifest's engine")
     latency_class: LatencyClass = "interactive"
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
@@ -146,6 +171,12 @@ class ModelConfig(Strict):
                     raise ValueError(f"variants.{name}: must match {NAME_RE}")
             if sum(v.weight for v in self.variants.values()) <= 0:
                 raise ValueError("variants: weights must not all be 0")
+        if self.rollout is not None:
+            if self.variants is None or len(self.variants) < 2:
+                raise ValueError("rollout: needs variants: the canary and at least one baseline")
+            if self.rollout.canary not in self.variants:
+                raise ValueError(f"rollout.canary: unknown variant {self.rollout.canary!r} "
+                                 f"(variants: {', '.join(sorted(self.variants))})")
         return self
 
     @property
@@ -417,32 +448,32 @@ class MeshConfig(Strict):
 
     @model_validator(mode="after")
     def _references(self) -> "MeshConfig":
-        for name in self.models:
-            if not re.match(NAME_RE, name):
-                raise ValueError(f"models.{name}: name must match {NAME_RE}")
+        # Every broken reference at once (one line each), so an operator applying a
+        # config sees all of them in one refusal.
+        problems = [f"models.{name}: name must match {NAME_RE}" for name in self.models
+                    if not re.match(NAME_RE, name)]
         for name, model in self.models.items():
-            for tenant in model.tenants or []:
-                if tenant not in self.tenants:
-                    raise ValueError(f"models.{name}.tenants: unknown tenant {tenant!r}")
+            problems += [f"models.{name}.tenants: unknown tenant {tenant!r}"
+                         for tenant in model.tenants or [] if tenant not in self.tenants]
         for pname, pipe in self.pipelines.items():
             for nname, node in pipe.nodes.items():
                 if node.model not in self.models:
-                    raise ValueError(f"pipelines.{pname}.nodes.{nname}.model: unknown model {node.model!r}")
+                    problems.append(f"pipelines.{pname}.nodes.{nname}.model: unknown model {node.model!r}")
                 if node.fallback is not None and node.fallback not in self.models:
-                    raise ValueError(f"pipelines.{pname}.nodes.{nname}.fallback: "
-                                     f"unknown model {node.fallback!r}")
+                    problems.append(f"pipelines.{pname}.nodes.{nname}.fallback: "
+                                    f"unknown model {node.fallback!r}")
         # Imported here: cmesh.pipeline_check reads this module's types.
         from cmesh.pipeline_check import validate_pipeline
 
         for pname, pipe in self.pipelines.items():
-            problems = validate_pipeline(pname, pipe)
-            if problems:
-                raise ValueError(problems[0])
+            problems += validate_pipeline(pname, pipe)
         for i, sched in enumerate(self.schedules):
             if sched.pipeline is not None and sched.pipeline not in self.pipelines:
-                raise ValueError(f"schedules.{i}.pipeline: unknown pipeline {sched.pipeline!r}")
+                problems.append(f"schedules.{i}.pipeline: unknown pipeline {sched.pipeline!r}")
             if sched.model is not None and sched.model not in self.models:
-                raise ValueError(f"schedules.{i}.model: unknown model {sched.model!r}")
+                problems.append(f"schedules.{i}.model: unknown model {sched.model!r}")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property

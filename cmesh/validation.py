@@ -53,12 +53,15 @@ def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
             message = rule(ctx)
         else:
             message = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        # Cross-field checks report "sub.path: rule"; join it onto the location.
-        if err["type"] == "value_error" and ": " in message and not message.startswith(" "):
-            sub, _, message = message.partition(": ")
-            loc.extend(sub.split("."))
-        path = ".".join(([prefix] if prefix else []) + loc)
-        lines.append(f"{path}: {message}" if path else message)
+        # Cross-field checks report "sub.path: rule", one problem a line; join each
+        # onto the location.
+        for problem in message.split("\n") if err["type"] == "value_error" else [message]:
+            where = list(loc)
+            if err["type"] == "value_error" and ": " in problem and not problem.startswith(" "):
+                sub, _, problem = problem.partition(": ")
+                where.extend(sub.split("."))
+            path = ".".join(([prefix] if prefix else []) + where)
+            lines.append(f"{path}: {problem}" if path else problem)
     return lines
 
 

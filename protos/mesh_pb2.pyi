@@ -25,7 +25,7 @@ class ComponentError(_message.Message):
     def __init__(self, component: _Optional[str] = ..., pipeline: _Optional[str] = ..., reason: _Optional[str] = ..., retryable: _Optional[bool] = ..., retry_after_ms: _Optional[int] = ..., field: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
 
 class ModelLoad(_message.Message):
-    __slots__ = ("model", "variant", "queue_depth", "in_flight", "arrivals", "ready", "load_seconds")
+    __slots__ = ("model", "variant", "queue_depth", "in_flight", "arrivals", "ready", "load_seconds", "answered", "failed", "latency_counts")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,9 @@ class ModelLoad(_message.Message):
     ARRIVALS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_COUNTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     variant: str
     queue_depth: int
@@ -40,7 +43,10 @@ class ModelLoad(_message.Message):
     arrivals: int
     ready: bool
     load_seconds: float
-    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., arrivals: _Optional[int] = ..., ready: _Optional[bool] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    answered: int
+    failed: int
+    latency_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., arrivals: _Optional[int] = ..., ready: _Optional[bool] = ..., load_seconds: _Optional[float] = ..., answered: _Optional[int] = ..., failed: _Optional[int] = ..., latency_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("source", "timestamp_ms", "models", "held")
@@ -90,12 +96,14 @@ class ModelEndpoints(_message.Message):
     def __init__(self, model: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
 
 class EndpointTable(_message.Message):
-    __slots__ = ("version", "models")
+    __slots__ = ("version", "models", "config")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
     version: int
     models: _containers.RepeatedCompositeFieldContainer[ModelEndpoints]
-    def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelEndpoints, _Mapping]]] = ...) -> None: ...
+    config: ConfigRecord
+    def __init__(self, version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelEndpoints, _Mapping]]] = ..., config: _Optional[_Union[ConfigRecord, _Mapping]] = ...) -> None: ...
 
 class WatchEndpointsRequest(_message.Message):
     __slots__ = ("router_id", "known_version")
@@ -120,6 +128,128 @@ class WarmResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, models: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ConfigRecord(_message.Message):
+    __slots__ = ("id", "applied_at", "applied_by", "source", "sha256", "note", "yaml")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_AT_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_BY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    YAML_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    applied_at: float
+    applied_by: str
+    source: str
+    sha256: str
+    note: str
+    yaml: str
+    def __init__(self, id: _Optional[str] = ..., applied_at: _Optional[float] = ..., applied_by: _Optional[str] = ..., source: _Optional[str] = ..., sha256: _Optional[str] = ..., note: _Optional[str] = ..., yaml: _Optional[str] = ...) -> None: ...
+
+class ConfigChange(_message.Message):
+    __slots__ = ("kind", "path", "before", "after")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    path: str
+    before: str
+    after: str
+    def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., before: _Optional[str] = ..., after: _Optional[str] = ...) -> None: ...
+
+class ApplyConfigRequest(_message.Message):
+    __slots__ = ("yaml", "dry_run", "rollback", "applied_by", "source")
+    YAML_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_BY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    yaml: str
+    dry_run: bool
+    rollback: bool
+    applied_by: str
+    source: str
+    def __init__(self, yaml: _Optional[str] = ..., dry_run: _Optional[bool] = ..., rollback: _Optional[bool] = ..., applied_by: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ApplyConfigResponse(_message.Message):
+    __slots__ = ("record", "changes", "applied", "routers")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    ROUTERS_FIELD_NUMBER: _ClassVar[int]
+    record: ConfigRecord
+    changes: _containers.RepeatedCompositeFieldContainer[ConfigChange]
+    applied: bool
+    routers: int
+    def __init__(self, record: _Optional[_Union[ConfigRecord, _Mapping]] = ..., changes: _Optional[_Iterable[_Union[ConfigChange, _Mapping]]] = ..., applied: _Optional[bool] = ..., routers: _Optional[int] = ...) -> None: ...
+
+class ConfigHistoryRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class ConfigHistoryResponse(_message.Message):
+    __slots__ = ("records", "current_id")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ID_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[ConfigRecord]
+    current_id: str
+    def __init__(self, records: _Optional[_Iterable[_Union[ConfigRecord, _Mapping]]] = ..., current_id: _Optional[str] = ...) -> None: ...
+
+class RolloutStatusRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class VariantFigures(_message.Message):
+    __slots__ = ("variant", "answered", "failed", "error_rate", "p95_ms")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    answered: int
+    failed: int
+    error_rate: float
+    p95_ms: float
+    def __init__(self, variant: _Optional[str] = ..., answered: _Optional[int] = ..., failed: _Optional[int] = ..., error_rate: _Optional[float] = ..., p95_ms: _Optional[float] = ...) -> None: ...
+
+class RolloutState(_message.Message):
+    __slots__ = ("model", "canary", "state", "step", "weight", "steps", "step_age_s", "canary_figures", "baseline_figures", "reason", "config_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIGURES_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIGURES_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    canary: str
+    state: str
+    step: int
+    weight: float
+    steps: _containers.RepeatedScalarFieldContainer[float]
+    step_age_s: float
+    canary_figures: VariantFigures
+    baseline_figures: VariantFigures
+    reason: str
+    config_id: str
+    def __init__(self, model: _Optional[str] = ..., canary: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., weight: _Optional[float] = ..., steps: _Optional[_Iterable[float]] = ..., step_age_s: _Optional[float] = ..., canary_figures: _Optional[_Union[VariantFigures, _Mapping]] = ..., baseline_figures: _Optional[_Union[VariantFigures, _Mapping]] = ..., reason: _Optional[str] = ..., config_id: _Optional[str] = ...) -> None: ...
+
+class RolloutStatusResponse(_message.Message):
+    __slots__ = ("rollouts",)
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    rollouts: _containers.RepeatedCompositeFieldContainer[RolloutState]
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[RolloutState, _Mapping]]] = ...) -> None: ...
 
 class CostReportRequest(_message.Message):
     __slots__ = ("group_by",)

@@ -58,6 +58,21 @@ class AutoscalerStub:
                 request_serializer=protos_dot_mesh__pb2.StatusRequest.SerializeToString,
                 response_deserializer=protos_dot_mesh__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.ApplyConfig = channel.unary_unary(
+                '/cmesh.v1.Autoscaler/ApplyConfig',
+                request_serializer=protos_dot_mesh__pb2.ApplyConfigRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.ApplyConfigResponse.FromString,
+                _registered_method=True)
+        self.ConfigHistory = channel.unary_unary(
+                '/cmesh.v1.Autoscaler/ConfigHistory',
+                request_serializer=protos_dot_mesh__pb2.ConfigHistoryRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.ConfigHistoryResponse.FromString,
+                _registered_method=True)
+        self.RolloutStatus = channel.unary_unary(
+                '/cmesh.v1.Autoscaler/RolloutStatus',
+                request_serializer=protos_dot_mesh__pb2.RolloutStatusRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.RolloutStatusResponse.FromString,
+                _registered_method=True)
 
 
 class AutoscalerServicer:
@@ -91,6 +106,27 @@ class AutoscalerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyConfig(self, request, context):
+        """Live configuration (routers forward their Admin calls here): the autoscaler
+        keeps the mesh's config history and sends each applied config to every router
+        in its endpoint table stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfigHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RolloutStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AutoscalerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +149,21 @@ def add_AutoscalerServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=protos_dot_mesh__pb2.StatusRequest.FromString,
                     response_serializer=protos_dot_mesh__pb2.StatusResponse.SerializeToString,
+            ),
+            'ApplyConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyConfig,
+                    request_deserializer=protos_dot_mesh__pb2.ApplyConfigRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.ApplyConfigResponse.SerializeToString,
+            ),
+            'ConfigHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigHistory,
+                    request_deserializer=protos_dot_mesh__pb2.ConfigHistoryRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.ConfigHistoryResponse.SerializeToString,
+            ),
+            'RolloutStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.RolloutStatus,
+                    request_deserializer=protos_dot_mesh__pb2.RolloutStatusRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.RolloutStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -237,6 +288,87 @@ class Autoscaler:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ApplyConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cmesh.v1.Autoscaler/ApplyConfig',
+            protos_dot_mesh__pb2.ApplyConfigRequest.SerializeToString,
+            protos_dot_mesh__pb2.ApplyConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfigHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cmesh.v1.Autoscaler/ConfigHistory',
+            protos_dot_mesh__pb2.ConfigHistoryRequest.SerializeToString,
+            protos_dot_mesh__pb2.ConfigHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RolloutStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cmesh.v1.Autoscaler/RolloutStatus',
+            protos_dot_mesh__pb2.RolloutStatusRequest.SerializeToString,
+            protos_dot_mesh__pb2.RolloutStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """---------------------------------------------------------------------------
@@ -255,6 +387,21 @@ class AdminStub:
                 request_serializer=protos_dot_mesh__pb2.CostReportRequest.SerializeToString,
                 response_deserializer=protos_dot_mesh__pb2.CostReportResponse.FromString,
                 _registered_method=True)
+        self.ApplyConfig = channel.unary_unary(
+                '/cmesh.v1.Admin/ApplyConfig',
+                request_serializer=protos_dot_mesh__pb2.ApplyConfigRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.ApplyConfigResponse.FromString,
+                _registered_method=True)
+        self.ConfigHistory = channel.unary_unary(
+                '/cmesh.v1.Admin/ConfigHistory',
+                request_serializer=protos_dot_mesh__pb2.ConfigHistoryRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.ConfigHistoryResponse.FromString,
+                _registered_method=True)
+        self.RolloutStatus = channel.unary_unary(
+                '/cmesh.v1.Admin/RolloutStatus',
+                request_serializer=protos_dot_mesh__pb2.RolloutStatusRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.RolloutStatusResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -269,6 +416,24 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyConfig(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfigHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RolloutStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -276,6 +441,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.CostReport,
                     request_deserializer=protos_dot_mesh__pb2.CostReportRequest.FromString,
                     response_serializer=protos_dot_mesh__pb2.CostReportResponse.SerializeToString,
+            ),
+            'ApplyConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyConfig,
+                    request_deserializer=protos_dot_mesh__pb2.ApplyConfigRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.ApplyConfigResponse.SerializeToString,
+            ),
+            'ConfigHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigHistory,
+                    request_deserializer=protos_dot_mesh__pb2.ConfigHistoryRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.ConfigHistoryResponse.SerializeToString,
+            ),
+            'RolloutStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.RolloutStatus,
+                    request_deserializer=protos_dot_mesh__pb2.RolloutStatusRequest.FromString,
+                    response_serializer=protos_dot_mesh__pb2.RolloutStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +488,87 @@ class Admin:
             '/cmesh.v1.Admin/CostReport',
             protos_dot_mesh__pb2.CostReportRequest.SerializeToString,
             protos_dot_mesh__pb2.CostReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cmesh.v1.Admin/ApplyConfig',
+            protos_dot_mesh__pb2.ApplyConfigRequest.SerializeToString,
+            protos_dot_mesh__pb2.ApplyConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfigHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cmesh.v1.Admin/ConfigHistory',
+            protos_dot_mesh__pb2.ConfigHistoryRequest.SerializeToString,
+            protos_dot_mesh__pb2.ConfigHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RolloutStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cmesh.v1.Admin/RolloutStatus',
+            protos_dot_mesh__pb2.RolloutStatusRequest.SerializeToString,
+            protos_dot_mesh__pb2.RolloutStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
