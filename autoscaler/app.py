@@ -8,9 +8,12 @@ import signal
 import uuid
 from argparse import Namespace
 from collections.abc import Mapping
+from pathlib import Path
 
+from autoscaler.config_history import ConfigHistory, Record
 from autoscaler.controller import Controller
 from autoscaler.leader import make_lease
+from autoscaler.live import LiveConfig, record_proto
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.service import AutoscalerServicer
 from cmesh.config import MeshConfig, load_config, redis_url, with_overrides
@@ -58,6 +61,15 @@ class Autoscaler:
             probe = config.autoscaler.readiness_probe
             self.monitor = ReadinessMonitor(self.provider, ReplicaProber(credentials, probe.timeout_s), probe)
 
+    async def follow(self, config: MeshConfig, path: str, record: Record) -> None:
+        """Obey an applied config (autoscaler.live): the controller and provider
+        first, so the table that carries the config to routers has its replicas."""
+        self.config = config
+        await self.controller.apply(config, path, record.id)
+        await self.controller.publisher.set_config(record_proto(record, Path(path).read_text()))
+        if self.leading.is_set():
+            await self.controller.tick()
+
     async def on_elected(self) -> None:
         log.info("leading: adopting running replicas and starting the control loop")
         if hasattr(self.provider, "adopt"):
@@ -89,7 +101,10 @@ async def serve(args: Namespace, environ: Mapping[str, str]) -> int:
     app = Autoscaler(config, args, MeshCredentials.of(config, token))
     if hasattr(app.provider, "start"):
         await app.provider.start()            # e.g. the local fork server's imports, before we say ready
-    servicer = AutoscalerServicer(app.controller, leading=app.leading)
+    live = LiveConfig(config, ConfigHistory(Path(args.state_dir) / "configs"), app.follow,
+                      overrides={"autoscaler.provider": config.autoscaler.provider})
+    await live.start(Path(args.config).read_text(), args.config)
+    servicer = AutoscalerServicer(app.controller, leading=app.leading, live=live)
     server = grpc_server(config, server_interceptors(config, token, service="autoscaler"))
     mesh_pb2_grpc.add_AutoscalerServicer_to_server(servicer, server)
     port = add_port(server, listen, config.security.server_tls)
@@ -105,6 +120,14 @@ async def serve(args: Namespace, environ: Mapping[str, str]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def on_sighup() -> None:                  # reload the file, as `cmesh apply` would
+        task = asyncio.ensure_future(live.reload_file(args.config))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
     log.info("stopping: draining every replica")
     lease_task.cancel()

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+from autoscaler.generations import repool, to_retire
 from autoscaler.graph_ahead import ahead_concurrency, model_edges, window_rates
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.placement import Placed, place, replica_request, utilisation
@@ -56,6 +57,7 @@ class Controller:
         self._publish_pending = False
         self._replica_s: dict[str, float] = {}   # ready replica-seconds per model (capacity paid for)
         self._accounted_at = clock()
+        self.config_id = ""                        # the applied config in force (autoscaler.live)
         provider.subscribe(self._on_replicas_changed)
 
     # -- inputs ---------------------------------------------------------------------
@@ -84,6 +86,33 @@ class Controller:
         await self.tick(only=models)
         return models
 
+    async def apply(self, config: MeshConfig, config_path: str = "", config_id: str = "") -> None:
+        """Follow an applied config without a restart. Scaling state of unchanged
+        models carries over (window, policy state, replicas); a mode switch moves
+        running replicas between pools; a changed replica template (a version
+        switch) is rolled out by ``_roll`` as the new generation becomes ready;
+        removed models drain. The next tick (the leader's) acts on it."""
+        async with self._lock:
+            old, self.config = self.config, config
+            if hasattr(self.provider, "apply"):
+                self.provider.apply(config, config_path, config_id)
+            self._states = {m: self._states.get(m) or PolicyState() for m in config.scaled_models}
+            self._decisions = {m: d for m, d in self._decisions.items() if m in config.scaled_models}
+            self._graph_edges = model_edges(config)
+            self.config_id = config_id
+            for model in list(self._manifest_mb):
+                before, after = old.models.get(model), config.models.get(model)
+                if after is None or before is None or before.variant_sources() != after.variant_sources():
+                    self._manifest_mb.pop(model)
+            for model, spec in config.scaled_models.items():
+                before = old.models.get(model)
+                if before is not None and before.deployment.mode != spec.deployment.mode \
+                        and hasattr(self.provider, "repool"):
+                    mine = [r for r in self.provider.replicas() if r.model == model]
+                    log.info("%s: mode %s -> %s, re-pooling %d replica(s)", model, before.deployment.mode,
+                             spec.deployment.mode, len(mine))
+                    self.provider.repool(repool(mine, spec.deployment))
+
     # -- the loop -------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -105,6 +134,10 @@ class Controller:
                 contexts = uniform_contexts(contexts, self._uniform_target())
             for model in [m for m in (only or self.config.models) if m in contexts]:
                 await self._decide(model, contexts[model], now)
+                self._roll(model)
+            if only is None:
+                for model in {r.model for r in self.provider.replicas()} - set(self.config.scaled_models):
+                    await self._remove(model)
             self._observe()
 
     def _context(self, model: str, now: float, scheduled_min: int,
@@ -116,8 +149,7 @@ class Controller:
             current_dedicated=self._count(model, "dedicated"), scheduled_min=scheduled_min,
             touched_at=self._warmed_at.get(model),
             ahead_concurrency=(ahead or {}).get(model),
-            ready_serverless=sum(1 for r in self.provider.replicas()
-                                 if r.model == model and r.pool == "serverless" and r.state == "ready"))
+            ready_serverless=sum(1 for r in self._current(model) if r.pool == "serverless" and r.state == "ready"))
 
     def _ahead(self, now: float) -> dict[str, float] | None:
         """Graph-ahead predictions (``autoscaler.graph_ahead``), or None when off."""
@@ -152,9 +184,41 @@ class Controller:
                     log.info("%s %s pool: %d -> %d (%s)", model, pool, current[pool], target, decision.reason)
                     await self.provider.scale(model, pool, target, devices)
 
+    def _roll(self, model: str) -> None:
+        """Drain outgoing replicas (an older generation) one per ready successor, so
+        a version switch never lowers the capacity that serves (autoscaler.generations)."""
+        outgoing = self.provider.outgoing(model) if hasattr(self.provider, "outgoing") else []
+        if not outgoing:
+            return
+        decision = self._decisions.get(model)
+        for pool in POOLS:
+            old = [r for r in outgoing if r.pool == pool]
+            if not old:
+                continue
+            valid = decision is not None and decision.valid
+            desired = getattr(decision, f"desired_{pool}") if valid else self._count(model, pool) + len(old)
+            ready = sum(1 for r in self._current(model) if r.pool == pool and r.state == "ready")
+            for handle in to_retire(old, ready, desired):
+                log.info("%s: retiring %s of an older generation (%d successor(s) ready)", model, handle.id, ready)
+                self.provider.retire(handle)
+
+    async def _remove(self, model: str) -> None:
+        """A model the applied config no longer has: its replicas drain."""
+        if hasattr(self.provider, "outgoing"):
+            for handle in self.provider.outgoing(model):
+                self.provider.retire(handle)
+            return
+        for pool in POOLS:
+            await self.provider.scale(model, pool, 0, [])
+
+    def _current(self, model: str) -> list:
+        """The model's live replicas of its current generation."""
+        out = {r.id for r in self.provider.outgoing(model)} if hasattr(self.provider, "outgoing") else set()
+        return [r for r in self.provider.replicas()
+                if r.model == model and r.state in ("cold", "warming", "ready") and r.id not in out]
+
     def _count(self, model: str, pool: str) -> int:
-        return sum(1 for r in self.provider.replicas()
-                   if r.model == model and r.pool == pool and r.state in ("cold", "warming", "ready"))
+        return sum(1 for r in self._current(model) if r.pool == pool)
 
     def _placement(self, model: str, adding: int) -> list[str]:
         """Devices for new replicas (first-fit decreasing); an empty slot list when
@@ -219,7 +283,8 @@ class Controller:
     def status(self, leader: bool = True) -> mesh_pb2.StatusResponse:
         now = self._now()
         replicas = self.provider.replicas()
-        resp = mesh_pb2.StatusResponse(leader=leader, endpoint_version=self.publisher.version)
+        resp = mesh_pb2.StatusResponse(leader=leader, endpoint_version=self.publisher.version,
+                                       config_id=self.config_id)
         for model, spec in self.config.scaled_models.items():
             decision = self._decisions.get(model)
             latest = self.window.latest(model) or {}
@@ -230,9 +295,12 @@ class Controller:
             ms.replica_seconds = self._replica_s.get(model, 0.0)
             ms.desired_dedicated = getattr(decision, "desired_dedicated", 0)
             ms.desired_serverless = getattr(decision, "desired_serverless", 0)
+            outgoing = {r.id for r in self.provider.outgoing(model)} if hasattr(self.provider, "outgoing") \
+                else set()
             for r in sorted((r for r in replicas if r.model == model), key=lambda h: h.id):
                 ms.replicas.add(id=r.id, address=r.address or "", pool=r.pool, state=r.state, device=r.device,
-                                cold_start_s=r.cold_start_s or 0.0, age_s=now - r.started_at)
+                                cold_start_s=r.cold_start_s or 0.0, age_s=now - r.started_at,
+                                generation=r.generation, config_id=r.config_id, outgoing=r.id in outgoing)
                 if r.cold_start_s:
                     ms.last_cold_start_s = r.cold_start_s
         for usage in self._utilisation(replicas):

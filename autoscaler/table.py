@@ -36,6 +36,21 @@ class TablePublisher:
         self.table = mesh_pb2.EndpointTable(version=first_version)
         self._changed = asyncio.Condition()
         self._key: bytes = b""
+        self.config = mesh_pb2.ConfigRecord()   # the config in force, with its text
+        self.watchers = 0
+
+    async def set_config(self, record: mesh_pb2.ConfigRecord) -> None:
+        """A newly applied config goes to every router with the next table, which
+        is published now (same replicas, new version)."""
+        async with self._changed:
+            self.config = record
+            if self._published:
+                self.version += 1
+                table = mesh_pb2.EndpointTable()
+                table.CopyFrom(self.table)
+                table.version = self.version
+                self.table = table
+            self._changed.notify_all()
 
     async def publish(self, replicas: Iterable[ReplicaHandle], max_inflight: dict[str, int]) -> bool:
         candidate = build_table(self.version + 1, replicas, max_inflight)
@@ -52,9 +67,22 @@ class TablePublisher:
     async def watch(self, known_version: int = -1):
         """Tables newer than ``known_version``; nothing until a first table is
         published (a standby or a starting autoscaler must not blank routers)."""
-        sent = known_version
-        while True:
-            async with self._changed:
-                await self._changed.wait_for(lambda: self._published and self.version != sent)
-                table, sent = self.table, self.version
-            yield table
+        sent, sent_config = known_version, ""
+        self.watchers += 1
+        try:
+            while True:
+                async with self._changed:
+                    await self._changed.wait_for(lambda: self._published and self.version != sent)
+                    table, sent, config = self.table, self.version, self.config
+                if config.id:
+                    # The text once per change and watcher; the id alone after that.
+                    out = mesh_pb2.EndpointTable()
+                    out.CopyFrom(table)
+                    if config.id != sent_config:
+                        out.config.CopyFrom(config)
+                    else:
+                        out.config.id = config.id
+                    table, sent_config = out, config.id
+                yield table
+        finally:
+            self.watchers -= 1

@@ -79,6 +79,30 @@ def load_yaml(text: str, source: str, error: type[ConfigError] = ConfigError) ->
         raise error(source, [f"not valid YAML: {exc}"]) from None
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """Safe YAML without anchors and aliases: a config sent over the wire cannot
+    make its reader walk an exponential graph ("billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"aliases are not allowed (line {mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
+def load_plain_yaml(text: str, source: str, error: type[ConfigError] = ConfigError) -> Any:
+    """YAML text that arrived over the wire: bounded in size, no aliases."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise error(source, [f"too large: {len(text)} characters, at most {MAX_CONFIG_BYTES}"])
+    try:
+        return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise error(source, [f"not valid YAML: {exc}"]) from None
+
+
 def validate_mapping(model: type[M], data: Any, source: str, error: type[ConfigError] = ConfigError, *,
                      not_mapping: str = "top level must be a mapping") -> M:
     """``data`` (a parsed document) as ``model``; every problem raised as ``error``."""

@@ -43,6 +43,7 @@ P_ROUTER_QUEUE_MS = "cmesh-router-queue-ms"   # queued in the router before disp
 P_COLD_START_MS = "cmesh-cold-start-ms"       # of which: held for a first replica
 P_ATTEMPTS = "cmesh-attempts"                 # attempts it took, when more than one
 P_EXTERNAL = "cmesh-external"                 # answered by an external (oip) backend
+P_SOURCE = "cmesh-source"                     # the store version the replica loaded for the variant
 P_FINAL = "triton_final_response"             # Triton's marker of a stream's last response
 STREAM_MARKERS = (P_FINAL,)                   # never on a unary answer
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from cmesh import wire
 from cmesh.errors import DeadlineExceeded, InvalidInput, MeshError, quote
-from cmesh.wire import (P_BATCH_SIZE, P_CLASS, P_COMPUTE_MS, P_FINAL, P_INPUT_TOKENS, P_OUTPUT_TOKENS,
+from cmesh.wire import (P_BATCH_SIZE, P_CLASS, P_COMPUTE_MS, P_FINAL, P_INPUT_TOKENS, P_OUTPUT_TOKENS, P_SOURCE,
                         P_PIPELINE, P_QUEUE_MS, P_TIMEOUT_MS, ms_text)
 from model_server.engines.base import InferItem
 from model_server.repository import ModelRepository, Variant
@@ -130,6 +130,7 @@ class DataPlane:
             params[P_BATCH_SIZE] = max(completion.batch_sizes, default=0)
             params[P_INPUT_TOKENS] = item.input_tokens
             params[P_OUTPUT_TOKENS] = completion.result.output_tokens
+            params[P_SOURCE] = variant.source      # which version answered (rollouts check it)
         if final is not None:
             params[P_FINAL] = final
         return InferResponse(model=variant.model, version=variant.name, id=request.id,

@@ -174,16 +174,18 @@ class ApplyConfigRequest(_message.Message):
     def __init__(self, yaml: _Optional[str] = ..., dry_run: _Optional[bool] = ..., rollback: _Optional[bool] = ..., applied_by: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ApplyConfigResponse(_message.Message):
-    __slots__ = ("record", "changes", "applied", "routers")
+    __slots__ = ("record", "changes", "applied", "routers", "followed")
     RECORD_FIELD_NUMBER: _ClassVar[int]
     CHANGES_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     ROUTERS_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWED_FIELD_NUMBER: _ClassVar[int]
     record: ConfigRecord
     changes: _containers.RepeatedCompositeFieldContainer[ConfigChange]
     applied: bool
     routers: int
-    def __init__(self, record: _Optional[_Union[ConfigRecord, _Mapping]] = ..., changes: _Optional[_Iterable[_Union[ConfigChange, _Mapping]]] = ..., applied: _Optional[bool] = ..., routers: _Optional[int] = ...) -> None: ...
+    followed: bool
+    def __init__(self, record: _Optional[_Union[ConfigRecord, _Mapping]] = ..., changes: _Optional[_Iterable[_Union[ConfigChange, _Mapping]]] = ..., applied: _Optional[bool] = ..., routers: _Optional[int] = ..., followed: _Optional[bool] = ...) -> None: ...
 
 class ConfigHistoryRequest(_message.Message):
     __slots__ = ("limit",)
@@ -300,7 +302,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("id", "address", "pool", "state", "device", "cold_start_s", "age_s")
+    __slots__ = ("id", "address", "pool", "state", "device", "cold_start_s", "age_s", "generation", "config_id", "outgoing")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +310,9 @@ class ReplicaStatus(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     COLD_START_S_FIELD_NUMBER: _ClassVar[int]
     AGE_S_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTGOING_FIELD_NUMBER: _ClassVar[int]
     id: str
     address: str
     pool: str
@@ -315,7 +320,10 @@ class ReplicaStatus(_message.Message):
     device: str
     cold_start_s: float
     age_s: float
-    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., pool: _Optional[str] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., cold_start_s: _Optional[float] = ..., age_s: _Optional[float] = ...) -> None: ...
+    generation: str
+    config_id: str
+    outgoing: bool
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., pool: _Optional[str] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., cold_start_s: _Optional[float] = ..., age_s: _Optional[float] = ..., generation: _Optional[str] = ..., config_id: _Optional[str] = ..., outgoing: _Optional[bool] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
     __slots__ = ("model", "mode", "desired_dedicated", "desired_serverless", "replicas", "queue_depth", "in_flight", "held", "panic", "last_decision", "last_cold_start_s", "replica_seconds")
@@ -360,16 +368,18 @@ class DeviceStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., memory_mb: _Optional[int] = ..., used_mb: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("leader", "endpoint_version", "models", "devices")
+    __slots__ = ("leader", "endpoint_version", "models", "devices", "config_id")
     LEADER_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_ID_FIELD_NUMBER: _ClassVar[int]
     leader: bool
     endpoint_version: int
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
     devices: _containers.RepeatedCompositeFieldContainer[DeviceStatus]
-    def __init__(self, leader: _Optional[bool] = ..., endpoint_version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ...) -> None: ...
+    config_id: str
+    def __init__(self, leader: _Optional[bool] = ..., endpoint_version: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ..., config_id: _Optional[str] = ...) -> None: ...
 
 class RunRequest(_message.Message):
     __slots__ = ("pipeline", "inputs", "request_id", "session")

@@ -29,20 +29,35 @@ async def serve(args: argparse.Namespace) -> int:
     from cmesh.config import load_config, redis_url, with_overrides
     from router.server import RouterOptions, RouterServer
 
+    from pathlib import Path
+
+    file_text = Path(args.config).read_text() if Path(args.config).is_file() else ""
     config = load_config(args.config)
-    config = with_overrides(config, {"router.autoscaler": args.autoscaler,
-                                     "redis_url": redis_url(args.redis, config, os.environ)})
+    overrides = {"router.autoscaler": args.autoscaler, "redis_url": redis_url(args.redis, config, os.environ)}
+    config = with_overrides(config, overrides)
     from cmesh.internal_auth import token_from_env
     from router.backends.secrets import secrets_from_env
 
     server = RouterServer(config, RouterOptions(host=args.host, port=args.port, metrics_port=args.metrics_port,
                                                 http_port=args.http_port,
                                                 internal_token=token_from_env(config, os.environ),
-                                                backend_secrets=secrets_from_env(config, os.environ)))
+                                                backend_secrets=secrets_from_env(config, os.environ),
+                                                # What this process connects to stays as it started.
+                                                overrides={"router.autoscaler": config.router.autoscaler,
+                                                           "redis_url": config.redis_url},
+                                                file_text=file_text, environ=dict(os.environ)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def on_sighup() -> None:                      # reload the file (router.live)
+        task = asyncio.ensure_future(server.reload_file(args.config))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await server.start()
     from cmesh.proc import settle_heap
 

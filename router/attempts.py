@@ -129,6 +129,18 @@ class Attempts:
             log.warning("ejected replica %s of %s after repeated failures (%s)", lease.replica.address,
                         model, err.message)
 
+    def apply(self, config: MeshConfig) -> None:
+        """Dispatchers of models that stay keep their queues and in-flight counts and
+        read the new spec (mode, threshold, caps) from their next decision on. A
+        removed model's dispatcher stays to serve what it already holds (admission
+        refuses new calls for it), and is reused if the model comes back."""
+        self.config = config
+        for model, dispatcher in self.dispatchers.items():
+            spec = config.models.get(model)
+            if spec is not None:
+                dispatcher.config = spec
+                dispatcher.on_table_change()          # a mode switch may change the choice now
+
     def dispatcher(self, model: str) -> ModelDispatcher:
         dispatcher = self.dispatchers.get(model)
         if dispatcher is None:

@@ -6,6 +6,7 @@ configured, authentication is off and every caller is the anonymous tenant.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ ANONYMOUS = "anonymous"
 class Principal:
     tenant: str
     admin: bool = False
+    key_id: str = ""        # admin keys only: what the config history records (never the key)
 
 
 class Authenticator:
@@ -57,11 +59,17 @@ class Authenticator:
         is_admin = any(hmac.compare_digest(k, key) for k in self._admin_keys)
         if tenant is None and not is_admin:
             raise Unauthenticated("unknown API key")
-        return Principal(tenant or "admin", admin=is_admin)
+        if not is_admin:
+            return Principal(tenant)
+        return Principal(tenant or "admin", admin=True, key_id=key_id(key))
 
     def require_admin(self, principal: Principal) -> None:
         if self.enabled and not principal.admin:
             raise PermissionDenied(f"tenant {principal.tenant!r} may not use admin operations")
+
+
+def key_id(key: str) -> str:
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
 def _split(value: str) -> list[str]:
@@ -74,6 +82,10 @@ class Gate:
     def __init__(self, config: MeshConfig, limiter: TenantLimiter) -> None:
         self.config = config
         self.limiter = limiter
+
+    def apply(self, config: MeshConfig, now: float) -> None:
+        self.config = config
+        self.limiter.reconfigure(config.tenants, now)
 
     def check_model(self, principal: Principal, model: str) -> None:
         allowed = self.config.models[model].tenants if model in self.config.models else None

@@ -170,3 +170,9 @@ class BreakerRegistry:
         if breaker is None:
             breaker = self._breakers[component] = CircuitBreaker(self.config)
         return breaker
+
+    def apply(self, config: BreakerConfig) -> None:
+        """New thresholds for every breaker; each keeps its state (open stays open)."""
+        self.config = config
+        for breaker in self._breakers.values():
+            breaker.config = config

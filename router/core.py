@@ -133,6 +133,24 @@ class RouterCore:
                            (wire.P_REQUEST_ID, call.request_id)):
             wire.set_param(params, key, value)
 
+    # -- live configuration -----------------------------------------------------------
+
+    def apply(self, config: MeshConfig) -> None:
+        """Swap in an applied config (``router.live``). What carries state keeps it:
+        dispatchers (queues, in-flight counts) of models that stay, breakers,
+        outlier records, the retry budget, metering. Calls already past admission
+        finish on the config they started with."""
+        self.config = config
+        rc = config.router
+        self.admission.config = config
+        self.variants.apply(config)
+        self.breakers.registry.apply(rc.breaker)
+        self.outliers.config = rc.outlier
+        self.attempts.retry.config = rc.retry
+        self.trust.limits = config.server.limits
+        self.backends.apply(config)
+        self.attempts.apply(config)
+
     # -- readiness and metadata -------------------------------------------------------
 
     async def ready(self, model: str, version: str = "") -> bool:

@@ -140,6 +140,13 @@ class ExternalSource:
         self.resolved: dict[str, list[str]] = {}
         table.set_external(external_table(config))
 
+    def apply(self, config: MeshConfig) -> None:
+        from router.backends.oip import backend_specs
+
+        self.config = config
+        self._names = {spec.dns: spec.dns_refresh_s for spec in backend_specs(config).values() if spec.dns}
+        self.table.set_external(external_table(config, self.resolved))
+
     async def refresh(self) -> None:
         for name in self._names:
             found = await self._resolve(name)
@@ -162,6 +169,9 @@ class StaticSource:
     def __init__(self, config: MeshConfig, table: EndpointTable) -> None:
         self.table = table
         self.table.replace(0, static_table(config))
+
+    def apply(self, config: MeshConfig) -> None:
+        self.table.replace(self.table.version + 1, static_table(config))
 
     async def run(self) -> None:
         return None
@@ -194,7 +204,9 @@ class AutoscalerSource:
 
     def __init__(self, address: str, table: EndpointTable, router_id: str,
                  credentials: MeshCredentials | TLSConfig | None = None, *, backoff: Backoff | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, stub=None) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, stub=None,
+                 on_config: Callable[[mesh_pb2.ConfigRecord], Awaitable[None]] | None = None) -> None:
+        self.on_config = on_config      # router.live: each applied config, before its table
         if not isinstance(credentials, MeshCredentials):
             credentials = MeshCredentials(credentials)
         self.address = address
@@ -221,6 +233,8 @@ class AutoscalerSource:
                 async for msg in call:
                     self.connected.set()
                     self.backoff.reset()
+                    if self.on_config is not None and msg.HasField("config"):
+                        await self.on_config(msg.config)
                     self.table.replace(msg.version, table_from_proto(msg), force=first)
                     first = False
             except grpc.aio.AioRpcError as exc:

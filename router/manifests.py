@@ -27,6 +27,18 @@ class ManifestCache:
         self.describe = describe        # async (model, version) -> ModelMetadataResponse | None
         self._manifests: dict[tuple[str, str], Manifest] = {}
 
+    def apply(self, config: MeshConfig) -> None:
+        """Forget the manifests of variants whose source changed (or that are gone)."""
+        if config.store != self.config.store:
+            self.store, self._manifests = ModelStore(config.store), {}
+        keep = {}
+        for (model, variant), manifest in self._manifests.items():
+            before, after = self.config.models.get(model), config.models.get(model)
+            if before is not None and after is not None and before.external == after.external \
+                    and before.variant_sources().get(variant) == after.variant_sources().get(variant):
+                keep[(model, variant)] = manifest
+        self.config, self._manifests = config, keep
+
     async def get(self, model: str, variant: str = "") -> Manifest:
         """The manifest of ``variant`` of ``model`` (its default variant when empty)."""
         cfg = self.config.models[model]

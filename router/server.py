@@ -4,23 +4,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cmesh.config import MeshConfig
+from cmesh.errors import MeshError, abort_with
 from cmesh.internal_auth import MeshCredentials
 from cmesh.looplag import LoopLagProbe
+from cmesh.rpc import guarded
 from cmesh.serving import grpc_server, start_metrics
-from cmesh.errors import MeshError, abort_with
-from router.manifests import ManifestCache
 from cmesh.tls import add_port
 from protos import inference_pb2_grpc as pb_grpc
-from protos import mesh_pb2_grpc
+from protos import mesh_pb2, mesh_pb2_grpc
 from router.admin import AdminServicer
-from router.auth import Authenticator, Gate
+from router.admin_config import ConfigAdmin
+from router.auth import Authenticator, Gate, Principal
 from router.core import RouterCore
+from router.live import ConfigFollower
+from router.manifests import ManifestCache
 from router.backends import RouterBackends
 from router.endpoints import AutoscalerSource, EndpointTable, ExternalSource, StaticSource
 from router.metering import Meter, make_meter
@@ -47,21 +51,49 @@ class RouterOptions:
     backend_secrets: dict[str, str] = field(default_factory=dict, repr=False)
     # The OpenAI-compatible HTTP front door (router.openai); None: not served.
     http_port: int | None = None
+    # Live configuration (router.live): the entry point's flags, re-applied to every
+    # config the autoscaler sends; the file's text (to know the autoscaler's first
+    # config is this same file); the environment that names tenants' keys.
+    overrides: dict = field(default_factory=dict)
+    file_text: str = field(default="", repr=False)
+    environ: Mapping[str, str] | None = field(default=None, repr=False)
 
 
 class AdminGate(mesh_pb2_grpc.AdminServicer):
-    """Admin RPCs only for admin keys; everything else is the AdminServicer's."""
+    """Admin RPCs only for admin keys; everything else is the AdminServicer's and
+    ConfigAdmin's. ``auth`` is read per call: an applied config may change the keys."""
 
-    def __init__(self, inner: AdminServicer, auth: Authenticator) -> None:
+    def __init__(self, inner: AdminServicer, configs: ConfigAdmin, auth: Callable[[], Authenticator]) -> None:
         self.inner = inner
-        self.auth = auth
+        self.configs = configs
+        self._auth = auth
+
+    def _admin(self, context) -> Principal:
+        auth = self._auth()
+        principal = auth.authenticate(metadata_of(context).get("authorization"))
+        auth.require_admin(principal)
+        return principal
 
     async def CostReport(self, request, context):
         try:
-            self.auth.require_admin(self.auth.authenticate(metadata_of(context).get("authorization")))
+            self._admin(context)
         except MeshError as exc:
             await abort_with(context, exc)
         return await self.inner.CostReport(request, context)
+
+    @guarded
+    async def ApplyConfig(self, request, context):
+        return await self.configs.apply(request, self._admin(context))
+
+    @guarded
+    async def ConfigHistory(self, request, context):
+        self._admin(context)
+        return await self.configs.history(request)
+
+    @guarded
+    async def RolloutStatus(self, request, context):
+        self._admin(context)
+        return await self.configs.rollouts(request)
 
 
 class _Health:
@@ -76,15 +108,18 @@ class RouterServer:
         self.options = options
         self.metrics = metrics or RouterMetrics()
         self.meter = meter or make_meter(config.redis_url, metrics=self.metrics)
-        self.auth = auth or Authenticator.from_env(config)
+        self.auth = auth or Authenticator.from_env(config, options.environ)
+        self._fixed_auth = auth is not None      # injected by a test: kept across applies
         self.table = EndpointTable()
         router_id = options.router_id or f"router-{uuid.uuid4().hex[:8]}"
         self.router_id = router_id
         self._report_task: asyncio.Task | None = None
         self.spans = None
         credentials = MeshCredentials.of(config, options.internal_token)
+        self.follower = ConfigFollower(self.apply, options.overrides, options.file_text)
         if config.router.autoscaler:
-            self.source = AutoscalerSource(config.router.autoscaler, self.table, router_id, credentials)
+            self.source = AutoscalerSource(config.router.autoscaler, self.table, router_id, credentials,
+                                           on_config=self.follower.on_record)
         else:
             self.source = StaticSource(config, self.table)
         self.external = ExternalSource(config, self.table)       # oip backends' endpoints
@@ -109,9 +144,9 @@ class RouterServer:
 
     async def start(self) -> None:
         self._server = grpc_server(self.config)
-        door = FrontDoor(self.config, self.auth, Gate(self.config, TenantLimiter(self.config.tenants)))
+        door = self.door = FrontDoor(self.config, self.auth, Gate(self.config, TenantLimiter(self.config.tenants)))
         # One reader of the store (and of external backends' metadata) for metadata and pipelines.
-        manifests = ManifestCache(self.config, describe=self.core.describe)
+        manifests = self.manifests = ManifestCache(self.config, describe=self.core.describe)
         describer = Describer(self.core, manifests)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             RouterServicer(self.core, door, self.health, describer), self._server)
@@ -122,11 +157,13 @@ class RouterServer:
             from router.pipelines.otel import SpanExport
 
             self.spans = SpanExport(self.config.observability)
-        pipelines = PipelineRunner(self.core, door, PipelineMetrics(self.metrics.registry), manifests,
-                                   spans=self.spans)
+        pipelines = self.pipelines = PipelineRunner(self.core, door, PipelineMetrics(self.metrics.registry),
+                                                    manifests, spans=self.spans)
         mesh_pb2_grpc.add_PipelinesServicer_to_server(PipelinesServicer(pipelines), self._server)
+        channel = self.source.channel if isinstance(self.source, AutoscalerSource) else None
         mesh_pb2_grpc.add_AdminServicer_to_server(
-            AdminGate(AdminServicer(self.meter, self.config), self.auth), self._server)
+            AdminGate(AdminServicer(self.meter, lambda: self.config), ConfigAdmin(channel, self.follower),
+                      lambda: self.door.auth), self._server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
         self.port = add_port(self._server, f"{self.options.host}:{self.options.port}",
@@ -153,6 +190,45 @@ class RouterServer:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("router ready on port %d (%s endpoints, %s data path)", self.port,
                  "autoscaler" if self.config.router.autoscaler else "static", self.config.router.data_path)
+
+    def apply(self, config: MeshConfig) -> None:
+        """Swap an applied config into every part (``router.live``). What can refuse
+        it is built first, so a refusal changes nothing; then each part takes the
+        new config, keeping its state: queues and in-flight calls, breakers,
+        rate-limit tokens, metering, channels to replicas that stay."""
+        graphs = self.pipelines.build_graphs(config)
+        auth = self.auth if self._fixed_auth else Authenticator.from_env(config, self.options.environ)
+        self.config, self.auth = config, auth
+        self.door.apply(config, auth)
+        self.manifests.apply(config)
+        self.pipelines.apply(graphs)
+        self.core.apply(config)
+        self.external.apply(config)
+        if isinstance(self.source, StaticSource):
+            self.source.apply(config)
+
+    async def reload_file(self, path: str) -> None:
+        """SIGHUP: with an autoscaler, the file goes to it as an apply (one history,
+        every router follows); a router with static endpoints applies it itself."""
+        from pathlib import Path
+
+        from cmesh.config_apply import parse_text, refusal
+        from cmesh.validation import ConfigError
+
+        try:
+            text = Path(path).read_text()
+            if isinstance(self.source, AutoscalerSource):
+                stub = mesh_pb2_grpc.AutoscalerStub(self.source.channel)
+                resp = await stub.ApplyConfig(mesh_pb2.ApplyConfigRequest(
+                    yaml=text, applied_by=f"sighup:{self.router_id}", source="sighup"), timeout=30)
+                log.info("SIGHUP: %s applied as %s (%d change(s))", path, resp.record.id, len(resp.changes))
+                return
+            self.apply(parse_text(text, self.config, self.options.overrides))
+            log.info("SIGHUP: reloaded %s", path)
+        except ConfigError as exc:
+            log.error("SIGHUP: %s refused: %s", path, refusal(exc).message)
+        except (OSError, grpc.aio.AioRpcError) as exc:
+            log.error("SIGHUP: %s not applied: %s", path, exc)
 
     async def stop(self, grace: float = 5.0) -> None:
         self.health.ready = False

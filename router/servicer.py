@@ -49,6 +49,11 @@ class FrontDoor:
         self.gate = gate
         self._now = clock
 
+    def apply(self, config: MeshConfig, auth: Authenticator) -> None:
+        """An applied config: new keys and rights; tenants' rate-limit tokens carry over."""
+        self.config, self.auth = config, auth
+        self.gate.apply(config, self._now())
+
     def principal(self, context: grpc.aio.ServicerContext) -> Principal:
         return self.auth.authenticate(metadata_of(context).get("authorization"))
 

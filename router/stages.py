@@ -66,7 +66,10 @@ class Variants:
 
     def __init__(self, config: MeshConfig, rng: random.Random) -> None:
         self._rng = rng
-        # Configs are never mutated: the weights are computed once per model.
+        self.apply(config)
+
+    def apply(self, config: MeshConfig) -> None:
+        # Configs are never mutated: the weights are computed once per model (per apply).
         self._weights = {name: {v: s.weight for v, s in cfg.variant_sources().items()}
                          for name, cfg in config.models.items()}
 

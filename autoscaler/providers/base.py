@@ -28,6 +28,8 @@ class ReplicaHandle:
     cold_start_s: float | None = None  # the replica's own measurement (process start -> ready)
     variants: tuple[str, ...] = ()
     memory_mb: int = 0
+    generation: str = ""               # autoscaler.generations: what it was started to serve
+    config_id: str = ""                # the applied config it was started with
     info: dict = field(default_factory=dict)
 
 
@@ -46,6 +48,25 @@ class Provider(Protocol):
 
     async def close(self) -> None:
         """Stop every replica (drained where possible) and leave nothing running."""
+
+
+class RollingProvider(Provider, Protocol):
+    """A provider that follows applied configs with rolling replacements (the local
+    one): replicas of an older generation keep serving until the controller retires
+    them, and a mode switch moves running replicas between pools."""
+
+    def apply(self, config, config_path: str, config_id: str) -> None:
+        """New replicas start from ``config_path``; ``scale`` counts only replicas
+        of each model's current generation from now on."""
+
+    def outgoing(self, model: str) -> list[ReplicaHandle]:
+        """Live replicas of the model from an older generation (or of a removed model)."""
+
+    def retire(self, handle: ReplicaHandle) -> None:
+        """Drain one replica: out of the endpoint table, then stopped."""
+
+    def repool(self, pools: dict[str, str]) -> None:
+        """Move running replicas (by id) to other pools, without a restart."""
 
 
 class ReplacingProvider(Provider, Protocol):

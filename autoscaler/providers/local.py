@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from autoscaler.generations import LIVE, generation
 from autoscaler.providers.base import ReplicaHandle
 from cmesh.config import MeshConfig
 from cmesh.internal_auth import MeshCredentials, open_internal_channel
@@ -55,6 +56,8 @@ class LocalProvider:
         if token_env and self.credentials.token:
             self._env[token_env] = self.credentials.token
         self._replicas: dict[str, ReplicaHandle] = {}
+        self.config_id = ""
+        self._generations = {m: generation(config, m) for m in config.scaled_models}
         self._tasks: set[asyncio.Task] = set()
         self._listeners: list[Callable[[], None]] = []
         self._ids = itertools.count(1)
@@ -72,8 +75,10 @@ class LocalProvider:
         self._listeners.append(callback)
 
     async def scale(self, model: str, pool: str, desired: int, devices: list[str]) -> None:
+        # Only the current generation counts: outgoing replicas are the controller's to retire.
+        current = self._generations.get(model)
         live = [r for r in self._replicas.values()
-                if r.model == model and r.pool == pool and r.state in ("cold", "warming", "ready")]
+                if r.model == model and r.pool == pool and r.state in LIVE and r.generation == current]
         if desired > len(live):
             for i in range(desired - len(live)):
                 self._spawn(model, pool, devices[i] if i < len(devices) else "")
@@ -82,6 +87,31 @@ class LocalProvider:
             order = sorted(live, key=lambda r: (r.state == "ready", r.started_at))
             for handle in order[:len(live) - desired]:
                 self._track(asyncio.create_task(self._drain(handle), name=f"drain-{handle.id}"))
+
+    # -- rollouts (autoscaler.generations) ----------------------------------------------
+
+    def apply(self, config: MeshConfig, config_path: str, config_id: str) -> None:
+        self.config, self.config_path, self.config_id = config, str(config_path), config_id
+        self._generations = {m: generation(config, m) for m in config.scaled_models}
+
+    def outgoing(self, model: str) -> list[ReplicaHandle]:
+        current = self._generations.get(model)
+        return [r for r in self._replicas.values()
+                if r.model == model and r.state in LIVE and r.generation != current]
+
+    def retire(self, handle: ReplicaHandle) -> None:
+        if handle.id in self._replicas and handle.state != "draining":
+            handle.state = "draining"           # now, so nothing counts it while the drain starts
+            self._track(asyncio.create_task(self._drain(handle), name=f"retire-{handle.id}"))
+
+    def repool(self, pools: dict[str, str]) -> None:
+        moved = 0
+        for rid, pool in pools.items():
+            handle = self._replicas.get(rid)
+            if handle is not None and handle.pool != pool:
+                handle.pool, moved = pool, moved + 1
+        if moved:
+            self._changed()
 
     async def close(self) -> None:
         for handle in list(self._replicas.values()):
@@ -155,7 +185,10 @@ class LocalProvider:
                                    device=entry.get("device", ""), state="ready", address=entry["address"],
                                    started_at=time.monotonic(), cold_start_s=entry.get("cold_start_s"),
                                    memory_mb=entry.get("memory_mb", 0), info={"pid": pid, "adopted": True},
-                                   variants=tuple(self.config.models[entry["model"]].variant_sources()))
+                                   variants=tuple(entry.get("variants")
+                                                  or self.config.models[entry["model"]].variant_sources()),
+                                   generation=entry.get("generation") or self._generations.get(entry["model"], ""),
+                                   config_id=entry.get("config_id", ""))
             if not await _serving(handle.address, self.credentials):
                 continue
             self._replicas[handle.id] = handle
@@ -175,7 +208,9 @@ class LocalProvider:
         handle = ReplicaHandle(id=rid, model=model, pool=pool, device=device, state="warming",
                                started_at=time.monotonic(),
                                memory_mb=spec.resources.memory_mb or 0,
-                               variants=tuple(spec.variant_sources()))
+                               variants=tuple(spec.variant_sources()),
+                               generation=self._generations.get(model, ""), config_id=self.config_id,
+                               info={"config_path": self.config_path})
         self._replicas[rid] = handle
         self._changed()
         self._track(asyncio.create_task(self._run(handle), name=f"replica-{rid}"))
@@ -183,7 +218,7 @@ class LocalProvider:
 
     async def _run(self, handle: ReplicaHandle) -> None:
         log_path = self.state_dir / "logs" / f"{handle.id}.log"
-        argv = ["--config", self.config_path, "--models", handle.model, "--host", self.host, "--port", "0",
+        argv = ["--config", handle.info.get("config_path", self.config_path), "--models", handle.model, "--host", self.host, "--port", "0",
                 "--metrics-port", "0", "--log-level", "WARNING"]
         if self._zygote is not None and self._zygote.returncode is None:
             fifo = self.state_dir / "fifos" / handle.id
@@ -296,7 +331,8 @@ class LocalProvider:
 
     def _save(self) -> None:
         entries = [{"id": h.id, "model": h.model, "pool": h.pool, "device": h.device, "address": h.address,
-                    "pid": h.info.get("pid"), "cold_start_s": h.cold_start_s, "memory_mb": h.memory_mb}
+                    "pid": h.info.get("pid"), "cold_start_s": h.cold_start_s, "memory_mb": h.memory_mb,
+                    "generation": h.generation, "config_id": h.config_id, "variants": list(h.variants)}
                    for h in self._replicas.values() if h.state == "ready" and h.address]
         tmp = self.state_dir / "replicas.json.tmp"
         tmp.write_text(json.dumps(entries))

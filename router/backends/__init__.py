@@ -30,6 +30,20 @@ class RouterBackends:
         self._externals: dict[tuple[str, str], OipBackend | OpenAIBackend] = {}
         self._cache: dict[tuple[str, str], Backend] = {}
 
+    def apply(self, config: MeshConfig) -> None:
+        """An applied config: adapters of models whose backend changed are rebuilt on
+        their next call (mesh channels are per address and stay)."""
+        changed = {m for m in set(self.config.models) | set(config.models)
+                   if (self.config.models.get(m) and self.config.models[m].backend)
+                   != (config.models.get(m) and config.models[m].backend)}
+        if config.router.data_path != self.config.router.data_path:
+            changed |= set(config.models)
+        self.config, self._oip_specs = config, backend_specs(config)
+        self._cache = {k: b for k, b in self._cache.items() if k[0] not in changed}
+        loop = asyncio.get_running_loop()
+        for key in [k for k in self._externals if k[0] in changed]:
+            loop.create_task(self._externals.pop(key).close(graceful=True))   # in flight finishes
+
     def get(self, model: str, replica) -> Backend:
         key = (model, replica.address)
         backend = self._cache.get(key)

@@ -64,7 +64,16 @@ class PipelineRunner:
         self.metrics = metrics
         self._now = clock
         self.manifests = manifests
-        self.graphs = {name: PipelineGraph.build(name, cfg) for name, cfg in core.config.pipelines.items()}
+        self.graphs = self.build_graphs(core.config)
+
+    @staticmethod
+    def build_graphs(config) -> dict[str, PipelineGraph]:
+        return {name: PipelineGraph.build(name, cfg) for name, cfg in config.pipelines.items()}
+
+    def apply(self, graphs: dict[str, PipelineGraph]) -> None:
+        """Graphs of an applied config (built first: building may refuse it). Runs in
+        progress keep the graph they started with."""
+        self.graphs = graphs
 
     def _graph(self, name: str) -> PipelineGraph:
         graph = self.graphs.get(name)

@@ -1,0 +1,120 @@
+"""Live configuration on real processes: an autoscaler with its local provider, a
+router following its stream, applies through the router's Admin service."""
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+
+from cmesh.client import AsyncClient
+from cmesh.config import load_config
+from meshtest import free_port, running_router, sleep_model, write_config, write_version
+from protos import mesh_pb2, mesh_pb2_grpc
+from test_autoscaler_e2e import FAST, AutoscalerProcess, until
+
+ADMIN_ENV = "CMESH_TEST_ADMIN_KEYS"
+ADMIN_KEY = "admin-secret-1"
+
+
+def x(value: float) -> dict:
+    return {"x": np.full((1, 4), value, dtype=np.float32)}
+
+
+def base(tmp_path, port: int) -> dict:
+    store = tmp_path / "store"
+    source = sleep_model(store, "m", sleep_ms=5, max_batch_size=4, max_queue_delay_ms=1)
+    write_version(store, "m", "2", engine="sleep",
+                  inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+                  outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
+                  options={"sleep_ms": 5}, max_batch_size=4, max_queue_delay_ms=1)
+    return {"store": str(store),
+            "server": {"drain_delay_s": 0.2, "drain_grace_s": 5},
+            "security": {"admin_keys_env": ADMIN_ENV},
+            "autoscaler": {**FAST, "listen": f"127.0.0.1:{port}"},
+            "router": {"autoscaler": f"127.0.0.1:{port}", "hold_timeout_s": 60},
+            "models": {"m": {"source": source, "deployment": {"mode": "serverless", "min_replicas": 1,
+                                                               "max_replicas": 2, "target_concurrency": 8}},
+                       "n": {"source": source, "deployment": {"mode": "serverless", "min_replicas": 1}}},
+            "pipelines": {"p": {"nodes": {"a": {"model": "m", "input": {"x": "request.x"}},
+                                          "b": {"model": "n", "input": {"x": "a.y"}}}}}}
+
+
+class Admin:
+    def __init__(self, address: str, key: str = ADMIN_KEY) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = mesh_pb2_grpc.AdminStub(self.channel)
+        self.md = (("authorization", f"Bearer {key}"),)
+
+    async def apply(self, data: dict | str, **kw) -> mesh_pb2.ApplyConfigResponse:
+        text = data if isinstance(data, str) else yaml.safe_dump(data)
+        return await self.stub.ApplyConfig(mesh_pb2.ApplyConfigRequest(yaml=text, **kw), metadata=self.md,
+                                           timeout=60)
+
+    async def history(self) -> mesh_pb2.ConfigHistoryResponse:
+        return await self.stub.ConfigHistory(mesh_pb2.ConfigHistoryRequest(), metadata=self.md, timeout=10)
+
+
+@pytest.fixture()
+def admin_env(monkeypatch):
+    monkeypatch.setenv(ADMIN_ENV, ADMIN_KEY)
+
+
+async def test_apply_switches_version_and_mode_and_refuses_invalid(tmp_path, admin_env) -> None:
+    port = free_port()
+    data = base(tmp_path, port)
+    cfg_path = write_config(tmp_path / "mesh.yaml", data)
+    state = tmp_path / "state"
+    state.mkdir()
+    scaler = AutoscalerProcess(cfg_path, state, port)
+    try:
+        async with running_router(load_config(cfg_path)) as router:
+            await until(lambda: _ready(scaler, "m", 1), "a first replica of m")
+            admin = Admin(f"127.0.0.1:{router.port}")
+            first = (await admin.history()).current_id
+            # An invalid config: every error, nothing changes.
+            bad = yaml.safe_load(yaml.safe_dump(data))
+            bad["models"]["m"]["batching"] = {"max_batch_size": 0}
+            del bad["models"]["n"]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await admin.apply(bad)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "models.m.batching.max_batch_size" in err.value.details()
+            assert "models.n: removed, but pipelines.p.nodes.b still uses it" in err.value.details()
+            assert (await admin.history()).current_id == first
+            assert (await scaler.status()).config_id == first
+            # A version switch.
+            new = yaml.safe_load(yaml.safe_dump(data))
+            new["models"]["m"]["source"] = "store://m/2"
+            resp = await admin.apply(new)
+            assert resp.applied and resp.followed, resp
+            assert any(c.kind == "version" and c.path == "models.m.source" for c in resp.changes)
+            assert resp.record.applied_by.startswith("key-")
+            client = AsyncClient(f"127.0.0.1:{router.port}", metadata=[("authorization", f"Bearer {ADMIN_KEY}")])
+
+            async def on_new() -> bool:
+                answer = await client.infer("m", x(1), timeout=30)
+                return answer.parameters.get("cmesh-source") == "store://m/2"
+            await until(on_new, "answers from version 2", timeout=60)
+            await until(lambda: _no_outgoing(scaler, "m"), "the old generation drained")
+            # A mode switch re-pools without a restart.
+            ids = {r.id for r in await scaler.replicas("m")}
+            new["models"]["m"]["deployment"] = {"mode": "dedicated", "dedicated_replicas": len(ids),
+                                                "max_replicas": 2}
+            resp = await admin.apply(new)
+            assert [c.kind for c in resp.changes if c.path.endswith("mode")] == ["mode"]
+            ready = await scaler.replicas("m")
+            assert {r.id for r in ready} == ids and {r.pool for r in ready} == {"dedicated"}
+            await client.close()
+            await admin.channel.close()
+    finally:
+        assert scaler.stop() == 0
+
+
+async def _ready(scaler, model: str, n: int) -> bool:
+    return len(await scaler.replicas(model)) >= n
+
+
+async def _no_outgoing(scaler, model: str) -> bool:
+    status = await scaler.status()
+    return not any(r.outgoing for m in status.models if m.model == model for r in m.replicas)
