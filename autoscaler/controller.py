@@ -65,7 +65,7 @@ class Controller:
     def on_report(self, report: mesh_pb2.LoadReport) -> None:
         now = self._now()
         for load in report.models:
-            if load.model in self.config.scaled_models:
+            if not load.variant and load.model in self.config.scaled_models:   # variant entries: canary figures
                 self.window.add(load.model, now, concurrency=load.queue_depth + load.in_flight,
                                 arrivals=load.arrivals, held=int(report.held.get(load.model, 0)),
                                 source=report.source)

@@ -1,8 +1,11 @@
 """Routers tell the autoscaler what each model's load is, once a second, over one
 long-lived ReportLoad stream: queued and in-flight requests, arrivals since the
 last report, and requests held for a first replica. Scaling is per model on that
-model's own numbers. A broken stream is reopened after a jittered back-off of at
-most 1 s, waiting for the channel to connect (``wait_for_ready``)."""
+model's own numbers. Each report also carries, per model:variant, the answers,
+failures and latency histogram since the last one (``router.variant_stats``), as
+extra entries with ``variant`` set, for the canary analysis; scaling reads only
+the entries without a variant. A broken stream is reopened after a jittered
+back-off of at most 1 s, waiting for the channel to connect (``wait_for_ready``)."""
 from __future__ import annotations
 
 import asyncio
@@ -43,6 +46,12 @@ class LoadReporter:
                               arrivals=arrivals.get(model, 0), ready=True)
             if dispatcher is not None and dispatcher.holding:
                 report.held[model] = queued
+        for (model, variant), window in sorted(self.core.metering.stats.take().items()):
+            spec = self.core.config.models.get(model)
+            if spec is None or variant not in spec.variant_sources():
+                continue                  # gone from the config since: the autoscaler would refuse it
+            report.models.add(model=model, variant=variant, ready=True, answered=window.answered,
+                              failed=window.failed, latency_counts=window.counts)
         return report
 
     async def run(self) -> None:

@@ -21,6 +21,7 @@ from router.breaker import BreakerRegistry, CircuitBreaker
 from router.call import Call
 from router.metering import Meter, MeterEvent
 from router.metrics import RouterMetrics
+from router.variant_stats import VariantStats
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +117,15 @@ class Breakers:
 
 class Metering:
     """Every call is metered exactly once, by its request id, off the hot path: one
-    consumer task records the events; the request never waits on the meter."""
+    consumer task records the events; the request never waits on the meter. Calls
+    that reached a variant also count in ``stats``, for the load reports' per-variant
+    figures (the autoscaler's canary analysis)."""
 
     def __init__(self, meter: Meter, metrics: RouterMetrics, clock: Callable[[], float],
-                 wall: Callable[[], float]) -> None:
+                 wall: Callable[[], float], stats: VariantStats | None = None) -> None:
         self.meter = meter
         self.metrics = metrics
+        self.stats = stats if stats is not None else VariantStats()
         self._now = clock
         self._wall = wall
         self._queue: asyncio.Queue[MeterEvent] = asyncio.Queue()
@@ -130,7 +134,10 @@ class Metering:
     def record(self, call: Call, status: str, started_at: float) -> None:
         acc = call.accounting
         latency_class = call.latency_class or "interactive"
-        self.metrics.request(call.model, acc.variant, latency_class, status, self._now() - started_at)
+        elapsed = self._now() - started_at
+        self.metrics.request(call.model, acc.variant, latency_class, status, elapsed)
+        if acc.variant:                 # refused before a variant was drawn: nothing to compare
+            self.stats.observe(call.model, acc.variant, status, elapsed)
         try:
             event = MeterEvent(request_id=call.request_id, tenant=call.principal.tenant, pipeline=call.pipeline,
                                model=call.model, variant=acc.variant, latency_class=latency_class, status=status,

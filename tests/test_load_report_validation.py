@@ -7,9 +7,10 @@ import grpc
 import pytest
 
 from autoscaler.controller import Controller
-from autoscaler.reports import MAX_COUNT, validate_report
+from autoscaler.reports import MAX_COUNT, MAX_VARIANT_ENTRIES, validate_report
 from autoscaler.service import AutoscalerServicer
 from cmesh.errors import InvalidInput, component_error_of
+from cmesh.latency import N_BUCKETS
 from cmesh.serving import grpc_server
 from meshtest import IdleProvider, mesh_config, sleep_model
 from protos import mesh_pb2, mesh_pb2_grpc
@@ -60,6 +61,57 @@ def test_held_duplicates_and_the_envelope_are_checked_too() -> None:
     validate_report(mesh_pb2.LoadReport(), MODELS)
 
 
+def variant_report(**load) -> mesh_pb2.LoadReport:
+    """A router's report: the model's entry, then its per-variant figures."""
+    r = report(in_flight=2)
+    r.models.add(model=load.pop("model", "embedder"), variant=load.pop("variant", "default"), ready=True, **load)
+    return r
+
+
+@pytest.mark.parametrize("load, field, rule", [
+    ({"answered": -1}, "models[1].answered", "must be >= 0"),
+    ({"answered": 5, "failed": -1}, "models[1].failed", "must be >= 0"),
+    ({"answered": MAX_COUNT + 1}, "models[1].answered", f"must be <= {MAX_COUNT}"),
+    ({"answered": 3, "failed": 4}, "models[1].failed", "must be <= answered (3), got 4"),
+    ({"answered": 10, "latency_counts": [1] * (N_BUCKETS + 1)}, "models[1].latency_counts",
+     f"must have at most {N_BUCKETS} buckets, got {N_BUCKETS + 1}"),
+    ({"answered": 10, "latency_counts": [1] * 2_000_000}, "models[1].latency_counts", "must have at most"),
+    ({"answered": 10, "latency_counts": [2, -1]}, "models[1].latency_counts[1]", "must be >= 0"),
+    ({"answered": 10, "failed": 4, "latency_counts": [3, 4]}, "models[1].latency_counts",
+     "7 latencies counted for only 6 answers that did not fail"),
+    ({"variant": "Bad Name!"}, "models[1].variant", "'Bad Name!' must match"),
+    ({"model": "nope"}, "models[1].model", "unknown model 'nope'"),
+])
+def test_a_hostile_variant_entry_is_named_by_its_field(load, field, rule) -> None:
+    with pytest.raises(InvalidInput) as err:
+        validate_report(variant_report(**load), MODELS)
+    assert err.value.field == field and err.value.message.startswith(f"{field}: {rule}")
+
+
+def test_variant_entries_are_checked_against_the_config_and_named_once(tmp_path) -> None:
+    models = mesh_config(tmp_path, {
+        "embedder": {"source": "store://e/1"},
+        "intent": {"variants": {"a": {"source": "store://i/1"}, "b": {"source": "store://i/2"}}}}).models
+    good = variant_report(answered=10, failed=2, latency_counts=[0, 5, 3])
+    good.models.add(model="intent", in_flight=1)
+    good.models.add(model="intent", variant="a", answered=4, latency_counts=[4] + [0] * (N_BUCKETS - 1))
+    good.models.add(model="intent", variant="b")
+    validate_report(good, models)                          # a model's entry and its variants' side by side
+    validate_report(good, MODELS)                          # names only: the variants' shape is checked
+    with pytest.raises(InvalidInput, match=r"^models\[1\].variant: model 'intent' has no variant 'c'"):
+        validate_report(variant_report(model="intent", variant="c"), models)
+    twice = variant_report(model="intent", variant="a")
+    twice.models.add(model="intent", variant="a")
+    with pytest.raises(InvalidInput, match=r"^models\[2\].variant: 'intent:a' is reported twice"):
+        validate_report(twice, models)
+    flood = mesh_pb2.LoadReport(models=[mesh_pb2.ModelLoad(model="embedder", variant=f"v{i}")
+                                        for i in range(MAX_VARIANT_ENTRIES + 1)])
+    with pytest.raises(InvalidInput, match=r"^models\[4096\].variant: more than 4096 per-variant entries"):
+        validate_report(flood, MODELS)
+    huge = mesh_pb2.LoadReport(models=[mesh_pb2.ModelLoad(model="embedder", variant=f"v{i}")
+                                       for i in range(MAX_VARIANT_ENTRIES + 3)])
+    with pytest.raises(InvalidInput, match=r"^models: 4099 entries"):
+        validate_report(huge, MODELS)
 
 
 @pytest.fixture()
