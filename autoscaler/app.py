@@ -14,6 +14,7 @@ from autoscaler.config_history import ConfigHistory, Record
 from autoscaler.controller import Controller
 from autoscaler.leader import make_lease
 from autoscaler.live import LiveConfig, record_proto
+from autoscaler.rollouts import RolloutDriver
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.service import AutoscalerServicer
 from cmesh.config import MeshConfig, load_config, redis_url, with_overrides
@@ -53,6 +54,8 @@ class Autoscaler:
         self.controller = Controller(config, self.provider, metrics=self.metrics)
         self.leading = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self.rollouts = None                    # autoscaler.rollouts.RolloutDriver, set by serve()
+        self._rollout_task: asyncio.Task | None = None
         self.monitor = None                     # per-model readiness probe, where the provider can replace
         self._monitor_task: asyncio.Task | None = None
         if hasattr(self.provider, "replace"):
@@ -76,6 +79,9 @@ class Autoscaler:
             await self.provider.adopt()
         await self.controller._publish()
         self._loop_task = asyncio.create_task(self.controller.run(), name="control-loop")
+        if self.rollouts is not None:
+            self._rollout_task = asyncio.create_task(self.rollouts.run(self.config.autoscaler.tick_s),
+                                                     name="rollouts")
         if self.monitor is not None:
             self._monitor_task = asyncio.create_task(self.monitor.run(), name="readiness-probe")
         self.metrics.leader.set(1)
@@ -86,7 +92,7 @@ class Autoscaler:
         self.stop_leading()
 
     def stop_leading(self) -> None:
-        for task in (self._loop_task, self._monitor_task):
+        for task in (self._loop_task, self._monitor_task, self._rollout_task):
             if task is not None:
                 task.cancel()
         self.metrics.leader.set(0)
@@ -104,7 +110,8 @@ async def serve(args: Namespace, environ: Mapping[str, str]) -> int:
     live = LiveConfig(config, ConfigHistory(Path(args.state_dir) / "configs"), app.follow,
                       overrides={"autoscaler.provider": config.autoscaler.provider})
     await live.start(Path(args.config).read_text(), args.config)
-    servicer = AutoscalerServicer(app.controller, leading=app.leading, live=live)
+    app.rollouts = RolloutDriver(live, app.metrics)
+    servicer = AutoscalerServicer(app.controller, leading=app.leading, live=live, rollouts=app.rollouts)
     server = grpc_server(config, server_interceptors(config, token, service="autoscaler"))
     mesh_pb2_grpc.add_AutoscalerServicer_to_server(servicer, server)
     port = add_port(server, listen, config.security.server_tls)

@@ -19,6 +19,12 @@ class AutoscalerMetrics:
                                     ("model", "pool", "direction"), registry=r)
         self.warms = Counter("cmesh_autoscaler_warm_requests_total", "Warm-ups asked for", ("model", "reason"),
                              registry=r)
+        self.rollout_state = Gauge("cmesh_rollout_state", "Canary rollout: 0 progressing, 1 promoted, "
+                                   "-1 rolled back", ("model",), registry=r)
+        self.rollout_step = Gauge("cmesh_rollout_step", "Canary rollout: the current step (index)", ("model",),
+                                  registry=r)
+        self.rollout_weight = Gauge("cmesh_rollout_weight_percent", "Canary rollout: traffic share by variant",
+                                    ("model", "variant"), registry=r)
         self.leader = Gauge("cmesh_autoscaler_leader", "1 while this autoscaler leads", registry=r)
         self._seen: set[tuple[str, str, str]] = set()
 

@@ -20,14 +20,15 @@ class AutoscalerServicer(mesh_pb2_grpc.AutoscalerServicer):
 
     async def ReportLoad(self, request_iterator, context):
         # A standby keeps its window warm too, so it can decide at once when it takes over.
-        models = self.controller.config.models
         async for report in request_iterator:
             try:
-                validate_report(report, models)    # whole, before any of it reaches the window
+                validate_report(report, self.controller.config.models)   # the config in force now    # whole, before any of it reaches the window
             except InvalidInput as exc:
                 log.warning("load report from %r refused: %s", report.source[:64], exc.message)
                 await abort_with(context, exc)
             self.controller.on_report(report)
+            if self.rollouts is not None:
+                self.rollouts.on_report(report)
         return mesh_pb2.ReportLoadAck()
 
     async def WatchEndpoints(self, request, context):

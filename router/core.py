@@ -120,7 +120,8 @@ class RouterCore:
                 self.breakers.verdict(breaker, component, outcome)
             if final is not None:
                 call.accounting.read_answer(final)
-            self.metering.record(call, status, started_at)
+            self.metering.record(call, status, started_at,
+                                 judged=outcome is not None or status != "DEADLINE_EXCEEDED")
 
     @staticmethod
     def _outbound(call: Call, variant: str) -> None:

@@ -131,12 +131,14 @@ class Metering:
         self._queue: asyncio.Queue[MeterEvent] = asyncio.Queue()
         self._task: asyncio.Task | None = None
 
-    def record(self, call: Call, status: str, started_at: float) -> None:
+    def record(self, call: Call, status: str, started_at: float, judged: bool = True) -> None:
+        """``judged``: False when the caller's own deadline ended the call, which says
+        nothing about the variant (the canary analysis leaves it out)."""
         acc = call.accounting
         latency_class = call.latency_class or "interactive"
         elapsed = self._now() - started_at
         self.metrics.request(call.model, acc.variant, latency_class, status, elapsed)
-        if acc.variant:                 # refused before a variant was drawn: nothing to compare
+        if acc.variant and judged:      # refused before a variant was drawn: nothing to compare
             self.stats.observe(call.model, acc.variant, status, elapsed)
         try:
             event = MeterEvent(request_id=call.request_id, tenant=call.principal.tenant, pipeline=call.pipeline,

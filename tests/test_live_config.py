@@ -118,3 +118,75 @@ async def _ready(scaler, model: str, n: int) -> bool:
 async def _no_outgoing(scaler, model: str) -> bool:
     status = await scaler.status()
     return not any(r.outgoing for m in status.models if m.model == model for r in m.replicas)
+
+
+@pytest.mark.parametrize("bad", [{"fail": True}, {"sleep_ms": 80}], ids=["failing", "slow"])
+async def test_a_bad_canary_is_rolled_back_by_itself_within_one_interval(tmp_path, admin_env, bad) -> None:
+    port = free_port()
+    data = base(tmp_path, port)
+    source = "store://m/1"
+    data["pipelines"] = {}
+    data["models"] = {"c": {"variants": {"a": {"source": source, "weight": 100},
+                                         "b": {"source": source, "weight": 0, "options": bad}},
+                            "deployment": {"mode": "serverless", "min_replicas": 1, "max_replicas": 1}}}
+    cfg_path = write_config(tmp_path / "mesh.yaml", data)
+    state = tmp_path / "state"
+    state.mkdir()
+    scaler = AutoscalerProcess(cfg_path, state, port)
+    interval_s = 8.0
+    try:
+        async with running_router(load_config(cfg_path)) as router:
+            await until(lambda: _ready(scaler, "c", 1), "a replica of c")
+            admin = Admin(f"127.0.0.1:{router.port}")
+            client = AsyncClient(f"127.0.0.1:{router.port}", metadata=[("authorization", f"Bearer {ADMIN_KEY}")])
+            outcomes: dict[str, list[bool]] = {"a": [], "b": []}
+            stop = asyncio.Event()
+
+            async def load() -> None:
+                while not stop.is_set():
+                    try:
+                        answer = await client.infer("c", x(1), timeout=10)
+                        outcomes[answer.model_version].append(True)
+                    except grpc.aio.AioRpcError as exc:
+                        component = exc.details() or ""
+                        outcomes["b" if "c:b" in component or "configured to fail" in component
+                                 else "a"].append(False)
+            workers = [asyncio.create_task(load()) for _ in range(4)]
+            rollout = {"canary": "b", "steps": [30, 60, 100], "interval_s": interval_s, "max_error_rate": 0.05,
+                       "max_p95_ratio": 2.0, "min_requests": 10}
+            new = yaml.safe_load(yaml.safe_dump(data))
+            new["models"]["c"]["rollout"] = rollout
+            resp = await admin.apply(new)
+            assert resp.applied and [c.kind for c in resp.changes] == ["rollout"]
+            started = asyncio.get_running_loop().time()
+
+            async def rolled_back():
+                status = await admin.stub.RolloutStatus(mesh_pb2.RolloutStatusRequest(model="c"),
+                                                        metadata=admin.md, timeout=5)
+                return status.rollouts and status.rollouts[0].state == "rolled_back" and status.rollouts[0]
+            state_ = await until(rolled_back, "the canary rolled back", timeout=4 * interval_s)
+            took = asyncio.get_running_loop().time() - started
+            assert took < interval_s + 3.0, f"rolled back after {took:.1f} s"       # within one interval (+ reports)
+            assert state_.weight == 0 and state_.canary_figures.answered >= 10, state_
+            assert ("error rate" in state_.reason) if "fail" in bad else ("p95" in state_.reason), state_.reason
+            # Routers follow the rollback: new calls all go to the baseline.
+            await until(lambda: _follows(router, admin), "the router on the rollback config")
+            await asyncio.sleep(0.5)                               # calls already sent to b finish
+            b_before = len(outcomes["b"])
+            await asyncio.sleep(1.0)
+            stop.set()
+            await asyncio.gather(*workers)
+            assert len(outcomes["b"]) == b_before                  # no more canary traffic
+            assert outcomes["a"] and all(outcomes["a"])            # the baseline's requests were unaffected
+            assert outcomes["b"], "the canary took some traffic before it was judged"
+            history = await admin.history()
+            assert [r.source for r in history.records[:2]] == ["rollout", "rollout"]
+            assert "rolled_back" in history.records[0].note
+            await client.close()
+            await admin.channel.close()
+    finally:
+        assert scaler.stop() == 0
+
+
+async def _follows(router, admin) -> bool:
+    return router.follower.config_id == (await admin.history()).current_id

@@ -4,7 +4,8 @@
 ``sleep`` does the same after sleeping ``sleep_ms + per_row_ms * rows`` per batch
 (latency and fan-out tests). Both honour a request parameter ``poison``: a
 poisoned request makes the whole batch raise, which exercises the batcher's
-isolation of bad requests from their batch neighbours.
+isolation of bad requests from their batch neighbours. Option ``fail: true``
+makes every batch fail: a bad model version, for rollout tests.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ class IdentityEngine(Engine):
     def _compute(self, items: list[InferItem]) -> None:
         if any(item.parameters.get("poison") for item in items):
             raise RuntimeError("poisoned request in batch")
+        if self.ctx.option("fail", False):
+            raise RuntimeError("this version is configured to fail")
 
     def run_batch(self, items: list[InferItem]) -> list[ItemResult]:
         self._compute(items)
