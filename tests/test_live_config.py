@@ -83,9 +83,12 @@ async def test_apply_switches_version_and_mode_and_refuses_invalid(tmp_path, adm
             assert "models.n: removed, but pipelines.p.nodes.b still uses it" in err.value.details()
             assert (await admin.history()).current_id == first
             assert (await scaler.status()).config_id == first
-            # A version switch.
+            # A version switch: first shown by the command line's dry run.
             new = yaml.safe_load(yaml.safe_dump(data))
             new["models"]["m"]["source"] = "store://m/2"
+            dry = await _cli(router, "apply", str(write_config(tmp_path / "new.yaml", new)), "--dry-run")
+            assert "~ models.m.source: store://m/1 -> store://m/2" in dry and "dry run" in dry, dry
+            assert (await admin.history()).current_id == first
             resp = await admin.apply(new)
             assert resp.applied and resp.followed, resp
             assert any(c.kind == "version" and c.path == "models.m.source" for c in resp.changes)
@@ -105,10 +108,24 @@ async def test_apply_switches_version_and_mode_and_refuses_invalid(tmp_path, adm
             assert [c.kind for c in resp.changes if c.path.endswith("mode")] == ["mode"]
             ready = await scaler.replicas("m")
             assert {r.id for r in ready} == ids and {r.pool for r in ready} == {"dedicated"}
+            history = await _cli(router, "config", "history")
+            assert history.count("\n") >= 4 and "apply" in history and "file" in history, history
             await client.close()
             await admin.channel.close()
     finally:
         assert scaler.stop() == 0
+
+
+async def _cli(router, *argv: str) -> str:
+    """The command line against the router, as an operator runs it."""
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cmesh.cli", *argv, "--router", f"127.0.0.1:{router.port}", "--admin-key",
+        ADMIN_KEY, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
 
 
 async def _ready(scaler, model: str, n: int) -> bool:

@@ -1,5 +1,5 @@
 """The ``cmesh`` command line: one module per command group (``models``, ``infer``,
-``status``, ``pipeline``, ``profile``/``plan``, ``cost``). It is an entry point, not
+``status``, ``pipeline``, ``profile``/``plan``, ``cost``, ``apply``/``config``/``rollout``). It is an entry point, not
 part of the shared library: it may import the services (engines for a dry-run
 load, the simulator, the metering store), and it reads the environment."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cmesh.cli import cost, infer, models, pipeline, plan, status
+from cmesh.cli import apply, cost, infer, models, pipeline, plan, status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_parser(sub)
     plan.add_parsers(sub)                  # cmesh profile, cmesh plan
     cost.add_parsers(sub)
+    apply.add_parsers(sub)                 # cmesh apply, cmesh config history, cmesh rollout status
     return parser
 
 
