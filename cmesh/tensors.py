@@ -56,6 +56,10 @@ def check_shape(name: str, shape: Sequence[int], limits: InputLimits = DEFAULT_L
     for dim in shape:
         if dim < 0:
             raise InvalidInput(name, f"shape {list(shape)} has a negative dimension")
+        if dim > limits.max_elements:
+            # Even beside a 0 (no elements at all), numpy cannot shape an array so.
+            raise InvalidInput(name, f"shape {list(shape)} has a dimension of {dim}, more than the limit "
+                                     f"of {limits.max_elements} elements")
         count *= dim
     if shape and shape[0] > limits.max_batch:
         raise InvalidInput(name, f"batch dimension {shape[0]} exceeds the limit of {limits.max_batch}")

@@ -115,6 +115,9 @@ class FakeBackends:
     def get(self, model: str, replica) -> FakeBackend:
         return self[replica.address]
 
+    def apply(self, config) -> None:
+        self.applied = config
+
     def retire(self, live: set[str]) -> None:
         for address in [a for a in self.by_address if a not in live]:
             self.by_address.pop(address).closed = True

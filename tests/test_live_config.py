@@ -207,3 +207,57 @@ async def test_a_bad_canary_is_rolled_back_by_itself_within_one_interval(tmp_pat
 
 async def _follows(router, admin) -> bool:
     return router.follower.config_id == (await admin.history()).current_id
+
+
+async def test_sighup_reloads_the_file_in_the_autoscaler_and_in_a_static_router(tmp_path, admin_env) -> None:
+    import os
+    import signal
+
+    from cmesh.proc import spawn_service
+    from meshtest import REPO
+    from protos import inference_pb2 as pb
+    from protos import inference_pb2_grpc as pb_grpc
+
+    port = free_port()
+    data = base(tmp_path, port)
+    cfg_path = write_config(tmp_path / "mesh.yaml", data)
+    state = tmp_path / "state"
+    state.mkdir()
+    scaler = AutoscalerProcess(cfg_path, state, port)
+    try:
+        async with running_router(load_config(cfg_path)) as router:
+            admin = Admin(f"127.0.0.1:{router.port}")
+            data["models"]["n"]["deployment"]["max_replicas"] = 3
+            write_config(cfg_path, data)
+            scaler.proc.send_signal(signal.SIGHUP)
+
+            async def reloaded():
+                history = await admin.history()
+                return history.records[0].source == "sighup" and history
+            history = await until(reloaded, "the autoscaler's SIGHUP reload")
+            assert history.records[0].applied_by == "sighup"
+            await until(lambda: _follows(router, admin), "the router following it")
+            assert router.config.models["n"].deployment.max_replicas == 3
+            await admin.channel.close()
+    finally:
+        assert scaler.stop() == 0
+    # A router with static endpoints has nobody to follow: SIGHUP reloads its own file.
+    static = {"models": {"m": {"source": "store://m/1", "endpoints": ["127.0.0.1:9"]}}}
+    path = write_config(tmp_path / "static.yaml", static)
+    proc, ready = spawn_service(["-m", "router", "--config", str(path), "--port", "0"], cwd=REPO,
+                                env=dict(os.environ))
+    try:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{ready['port']}")
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert not (await stub.ModelReady(pb.ModelReadyRequest(name="n"), timeout=5)).ready
+        static["models"]["n"] = {"source": "store://m/1", "endpoints": ["127.0.0.1:9"]}
+        write_config(path, static)
+        proc.send_signal(signal.SIGHUP)
+
+        async def ready_n():
+            return (await stub.ModelReady(pb.ModelReadyRequest(name="n"), timeout=5)).ready
+        await until(ready_n, "the static router's SIGHUP reload")
+        await channel.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0

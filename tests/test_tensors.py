@@ -60,3 +60,14 @@ def test_parameters_roundtrip() -> None:
     for key, value in {"b": True, "i": 3, "f": 1.5, "s": "x"}.items():
         tensors.set_param(resp.parameters, key, value)
     assert tensors.decode_parameters(resp.parameters) == {"b": True, "i": 3, "f": 1.5, "s": "x"}
+
+
+def test_a_huge_dimension_beside_a_zero_is_refused_by_name() -> None:
+    # [0, 2, 2**62] holds no element, but no array can have that shape: INVALID_ARGUMENT,
+    # never the INTERNAL of numpy's "array is too big" (found by tests/test_fuzz_hostile.py).
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="x", datatype="BOOL", shape=[0, 2, 2**62])
+    request.raw_input_contents.append(b"")
+    with pytest.raises(InvalidInput) as err:
+        tensors.decode_inputs(request)
+    assert err.value.field == "x" and "a dimension of 4611686018427387904" in err.value.message

@@ -235,6 +235,20 @@ class KubernetesProvider:
         self._spec_replicas[name] = desired
         log.info("scaled %s/%s to %d", self.namespace, name, desired)
 
+    def apply(self, config: MeshConfig, config_path: str = "", config_id: str = "") -> None:
+        """An applied config: scaling follows it (counts, modes through the policy,
+        removed models to zero). Pod templates are the cluster's: a version switch
+        here is a ConfigMap update and a Deployment rollout (``kubectl apply -f
+        compose/k8s/``), which the kubelet rolls; this provider does not rewrite them."""
+        from autoscaler.generations import generation
+
+        changed = [m for m in config.scaled_models if m in self.config.scaled_models
+                   and generation(config, m) != generation(self.config, m)]
+        if changed:
+            log.warning("models %s now load something else: roll their Deployments (kubectl apply) to switch "
+                        "versions on Kubernetes", ", ".join(sorted(changed)))
+        self.config = config
+
     def subscribe(self, callback: Callable[[], None]) -> None:
         # Watching starts with adopt() (on election) or the first scale(), so a
         # standby autoscaler does not hold watches it has no use for.

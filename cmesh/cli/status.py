@@ -29,13 +29,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(MessageToDict(status, preserving_proto_field_name=True), indent=2))
         return 0
     print(f"autoscaler {args.autoscaler}  {'leader' if status.leader else 'standby'}  "
-          f"endpoint table v{status.endpoint_version}")
+          f"endpoint table v{status.endpoint_version}  config {status.config_id or '-'}")
     print(f"{'model':<18} {'mode':<10} {'want d/s':>8} {'replicas':<34} {'queue':>5} {'held':>4} "
           f"{'cold start':>10}  decision")
     for m in status.models:
         states: dict[str, int] = {}
         for r in m.replicas:
-            states[r.state] = states.get(r.state, 0) + 1
+            state = f"{r.state} (outgoing)" if r.outgoing else r.state
+            states[state] = states.get(state, 0) + 1
         summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "0 (scaled to zero)"
         cold = f"{m.last_cold_start_s:.2f}s" if m.last_cold_start_s else "-"
         print(f"{m.model:<18} {m.mode:<10} {m.desired_dedicated:>3}/{m.desired_serverless:<4} {summary:<34} "
@@ -43,7 +44,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         if args.replicas:
             for r in m.replicas:
                 print(f"    {r.id:<36} {r.pool:<10} {r.state:<9} {r.address:<22} {r.device:<6} "
-                      f"cold start {r.cold_start_s:.2f}s, up {r.age_s:.0f}s")
+                      f"cold start {r.cold_start_s:.2f}s, up {r.age_s:.0f}s, generation {r.generation or '-'}"
+                      f"{' (outgoing)' if r.outgoing else ''}, config {r.config_id or '-'}")
     print("devices:")
     for d in status.devices:
         pct = 100.0 * d.used_mb / d.memory_mb if d.memory_mb else 0.0

@@ -78,5 +78,9 @@ class Backends(Protocol):
     def retire(self, live: set[str]) -> None:
         """Close (gracefully) every backend whose endpoint left the table."""
 
+    def apply(self, config) -> None:
+        """An applied config (``router.live``): adapters of models whose backend
+        changed are rebuilt on their next call."""
+
     async def close(self) -> None:
         ...
