@@ -55,6 +55,8 @@ class Autoscaler:
         self.leading = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self.rollouts = None                    # autoscaler.rollouts.RolloutDriver, set by serve()
+        self.live = None                        # autoscaler.live.LiveConfig, set by serve()
+        self.elected = False
         self._rollout_task: asyncio.Task | None = None
         self.monitor = None                     # per-model readiness probe, where the provider can replace
         self._monitor_task: asyncio.Task | None = None
@@ -75,8 +77,11 @@ class Autoscaler:
 
     async def on_elected(self) -> None:
         log.info("leading: adopting running replicas and starting the control loop")
+        self.elected = True                     # the config mirror is the leader's to write
         if hasattr(self.provider, "adopt"):
             await self.provider.adopt()
+        if self.live is not None:
+            await self.live.adopt_mirrored()    # the previous leader's applied config, if newer
         await self.controller._publish()
         self._loop_task = asyncio.create_task(self.controller.run(), name="control-loop")
         if self.rollouts is not None:
@@ -97,6 +102,7 @@ class Autoscaler:
                 task.cancel()
         self.metrics.leader.set(0)
         self.leading.clear()
+        self.elected = False
 
 
 async def serve(args: Namespace, environ: Mapping[str, str]) -> int:
@@ -107,10 +113,16 @@ async def serve(args: Namespace, environ: Mapping[str, str]) -> int:
     app = Autoscaler(config, args, MeshCredentials.of(config, token))
     if hasattr(app.provider, "start"):
         await app.provider.start()            # e.g. the local fork server's imports, before we say ready
-    live = LiveConfig(config, ConfigHistory(Path(args.state_dir) / "configs"), app.follow,
-                      overrides={"autoscaler.provider": config.autoscaler.provider})
+    mirror = None
+    if redis:
+        from autoscaler.config_mirror import RedisConfigMirror
+
+        mirror = RedisConfigMirror(redis)
+    live = app.live = LiveConfig(config, ConfigHistory(Path(args.state_dir) / "configs"), app.follow,
+                                 overrides={"autoscaler.provider": config.autoscaler.provider}, mirror=mirror,
+                                 leading=lambda: app.elected)
     await live.start(Path(args.config).read_text(), args.config)
-    app.rollouts = RolloutDriver(live, app.metrics)
+    app.rollouts = RolloutDriver(live, app.metrics, state_path=Path(args.state_dir) / "configs" / "rollouts.json")
     servicer = AutoscalerServicer(app.controller, leading=app.leading, live=live, rollouts=app.rollouts)
     server = grpc_server(config, server_interceptors(config, token, service="autoscaler"))
     mesh_pb2_grpc.add_AutoscalerServicer_to_server(servicer, server)
@@ -142,6 +154,8 @@ async def serve(args: Namespace, environ: Mapping[str, str]) -> int:
     await app.provider.close()
     await lease.release()
     await lease.close()
+    if mirror is not None:
+        await mirror.close()
     await server.stop(2.0)
     if http is not None:
         http.shutdown()

@@ -57,9 +57,12 @@ Follow = Callable[[MeshConfig, str, Record], Awaitable[None]]
 
 class LiveConfig:
     def __init__(self, config: MeshConfig, history: ConfigHistory, follow: Follow,
-                 overrides: Mapping[str, object] | None = None, wall: Callable[[], float] = time.time) -> None:
+                 overrides: Mapping[str, object] | None = None, wall: Callable[[], float] = time.time,
+                 mirror=None, leading: Callable[[], bool] = lambda: True) -> None:
         self.config = config
         self.history = history
+        self.mirror = mirror            # autoscaler.config_mirror.RedisConfigMirror, with Redis
+        self._leading = leading         # only the leader writes the mirror
         self._follow = follow
         self.overrides = dict(overrides or {})
         self._wall = wall
@@ -111,6 +114,30 @@ class LiveConfig:
         return await self.apply(self.history.text(target.id), applied_by=applied_by, source="rollback",
                                 dry_run=dry_run, note=f"rollback to {target.id}")
 
+    async def adopt_mirrored(self) -> Applied | None:
+        """On election: take the config the previous leader applied when it is newer
+        than the one in force here (an apply must survive a fail-over; a file this
+        autoscaler loaded later is the newer intent). Else mirror ours."""
+        if self.mirror is None:
+            return None
+        body = await self.mirror.latest()
+        current = self.history.current()
+        newer = body is not None and (current is None or (
+            body.get("sha256") != current.sha256 and float(body.get("applied_at") or 0) > current.applied_at))
+        if not newer:
+            if current is not None and (body is None or body.get("sha256") != current.sha256):
+                await self.mirror.publish(current, self.history.text(current.id))
+            return None
+        log.info("adopting config %s (%s by %s) from the previous leader", body.get("id"), body.get("source"),
+                 body.get("applied_by"))
+        source = body.get("source") if body.get("source") in ("apply", "sighup", "rollback", "rollout") else "apply"
+        try:
+            return await self.apply(body["yaml"], applied_by=str(body.get("applied_by", ""))[:128], source=source,
+                                    note=f"adopted from the previous leader ({str(body.get('id'))[:32]})")
+        except InvalidInput as exc:
+            log.error("the mirrored config does not load here: %s", exc.message)
+            return None
+
     async def reload_file(self, path: str | Path) -> Applied | None:
         """SIGHUP: apply the config file again, as an operator would."""
         try:
@@ -123,3 +150,5 @@ class LiveConfig:
     async def _obey(self, config: MeshConfig, record: Record) -> None:
         self.config = config
         await self._follow(config, str(self.history.path(record.id)), record)
+        if self.mirror is not None and self._leading():
+            await self.mirror.publish(record, self.history.text(record.id))

@@ -5,14 +5,20 @@ in the history), so routers re-weight from the stream like for any apply and the
 history shows every step and every rollback.
 
 Runs on the leader. The declared weights a rollout shares out among the baseline
-variants are those of the config in force when it started.
+variants are those of the config in force when it started. Each rollout's step and
+state are kept in ``state_path`` (beside the config history), so a restarted
+autoscaler resumes a rollout at its step, with a fresh interval, instead of
+starting it over.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import yaml
 
@@ -28,14 +34,44 @@ STATE_VALUE = {PROGRESSING: 0, PROMOTED: 1, ROLLED_BACK: -1}
 
 
 class RolloutDriver:
-    def __init__(self, live: LiveConfig, metrics=None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, live: LiveConfig, metrics=None, clock: Callable[[], float] = time.monotonic,
+                 state_path: Path | None = None) -> None:
         self.live = live
         self.metrics = metrics
         self._now = clock
+        self.state_path = state_path
         self.states: dict[str, CanaryState] = {}
         self.declared: dict[str, dict[str, float]] = {}
         self.config_ids: dict[str, str] = {}
         self._pending: dict[str, dict[str, Figures]] = {}
+        self._load()
+
+    def _load(self) -> None:
+        if self.state_path is None:
+            return
+        try:
+            saved = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return
+        now = self._now()
+        for model, s in saved.items() if isinstance(saved, dict) else ():
+            try:
+                self.states[model] = CanaryState(str(s["fingerprint"]), int(s["step"]), str(s["state"]), now,
+                                                 Figures(), Figures(), reason=f"resumed: {s.get('reason', '')}")
+                self.declared[model] = {str(k): float(v) for k, v in s["declared"].items()}
+                self.config_ids[model] = str(s.get("config_id", ""))
+            except (KeyError, TypeError, ValueError):
+                continue
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        body = {m: {"fingerprint": s.fingerprint, "step": s.step, "state": s.state, "reason": s.reason,
+                    "declared": self.declared.get(m, {}), "config_id": self.config_ids.get(m, "")}
+                for m, s in self.states.items()}
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, self.state_path)
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -105,6 +141,7 @@ class RolloutDriver:
         for model in moves:
             self.config_ids[model] = applied.record.id if applied.record else ""
             log.info("%s", notes.pop(0))
+        self._save()
 
     # -- views ------------------------------------------------------------------------
 
@@ -134,8 +171,10 @@ class RolloutDriver:
             self.metrics.rollout_weight.labels(model, variant).set(weight)
 
     def _forget(self, model: str) -> None:
-        for table in (self.states, self.declared, self.config_ids, self._pending):
-            table.pop(model, None)
+        if model in self.states:
+            for table in (self.states, self.declared, self.config_ids, self._pending):
+                table.pop(model, None)
+            self._save()
 
 
 def _differs(wanted: dict[str, float], variants) -> bool:

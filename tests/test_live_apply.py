@@ -236,3 +236,103 @@ async def test_rollback_without_history_is_a_failed_precondition(tmp_path):
     await live.start(text, "mesh.yaml")
     with pytest.raises(FailedPrecondition):
         await live.rollback(applied_by="key-1")
+
+
+async def test_an_apply_survives_a_leader_failover_through_the_redis_mirror(tmp_path, redis_url):
+    import uuid
+
+    from autoscaler.config_mirror import RedisConfigMirror
+
+    async def follow(config, path, record):
+        return None
+
+    key = f"cmesh:test:{uuid.uuid4().hex}"
+    text = doc(m={"source": "store://m/1"})
+    clock = iter(range(1000, 2000))
+
+    def tick() -> float:
+        return float(next(clock))
+
+    roles = {"a": True, "b": False}
+    a = LiveConfig(parse_config(yaml.safe_load(text)), ConfigHistory(tmp_path / "a", wall=tick), follow,
+                   mirror=RedisConfigMirror(redis_url, key=key), leading=lambda: roles["a"])
+    b = LiveConfig(parse_config(yaml.safe_load(text)), ConfigHistory(tmp_path / "b", wall=tick), follow,
+                   mirror=RedisConfigMirror(redis_url, key=key), leading=lambda: roles["b"])
+    await a.start(text, "mesh.yaml")
+    await b.start(text, "mesh.yaml")                       # a standby: it writes no mirror
+    assert (await a.adopt_mirrored()) is None              # elected first: mirrors its own config
+    await a.apply(doc(m={"source": "store://m/2"}), applied_by="key-1")
+    roles.update(a=False, b=True)                          # a fails over to b
+    adopted = await b.adopt_mirrored()
+    assert adopted is not None and adopted.applied and b.config.models["m"].source == "store://m/2"
+    assert "adopted from the previous leader" in b.current.note and b.current.applied_by == "key-1"
+    assert (await b.adopt_mirrored()) is None              # the same config: nothing to do
+    # A file loaded after the mirrored apply is the newer intent: kept, and mirrored.
+    newer = doc(m={"source": "store://m/3"})
+    c = LiveConfig(parse_config(yaml.safe_load(newer)), ConfigHistory(tmp_path / "c", wall=tick), follow,
+                   mirror=RedisConfigMirror(redis_url, key=key), leading=lambda: True)
+    await c.start(newer, "mesh.yaml")
+    assert (await c.adopt_mirrored()) is None and c.config.models["m"].source == "store://m/3"
+    assert (await c.mirror.latest())["sha256"] == c.current.sha256
+    for live in (a, b, c):
+        await live.mirror.close()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def test_the_rollout_driver_rolls_back_publishes_and_resumes_after_a_restart(tmp_path):
+    from autoscaler.rollouts import RolloutDriver
+    from cmesh.latency import N_BUCKETS, bucket_of
+    from protos import mesh_pb2
+
+    async def follow(config, path, record):
+        return None
+
+    rollout = {"canary": "b", "steps": [10, 50, 100], "interval_s": 30, "max_error_rate": 0.05, "min_requests": 10}
+    model = {"variants": {"a": {"source": "store://m/1", "weight": 1}, "b": {"source": "store://m/2", "weight": 0}},
+             "rollout": rollout}
+    text = yaml.safe_dump({"store": "/nonexistent", "models": {"m": model}})
+    live = LiveConfig(parse_config(yaml.safe_load(text)), ConfigHistory(tmp_path / "h"), follow)
+    await live.start(text, "mesh.yaml")
+    clock = FakeClock()
+    driver = RolloutDriver(live, clock=clock, state_path=tmp_path / "rollouts.json")
+    await driver.tick()
+    weights = {v: s.weight for v, s in live.config.models["m"].variants.items()}
+    assert weights == {"a": 90.0, "b": 10.0} and live.current.source == "rollout"
+
+    def report(variant: str, answered: int, failed: int, ms: float) -> mesh_pb2.LoadReport:
+        counts = [0] * N_BUCKETS
+        counts[bucket_of(ms / 1000)] = answered - failed
+        r = mesh_pb2.LoadReport(source="router-1")
+        r.models.add(model="m", variant=variant, answered=answered, failed=failed, latency_counts=counts)
+        return r
+
+    # A healthy step: held for its interval, then on to 50 %.
+    driver.on_report(report("a", 90, 0, 10))
+    driver.on_report(report("b", 12, 0, 11))
+    clock.t = 31
+    await driver.tick()
+    assert driver.states["m"].step == 1 and live.config.models["m"].variants["b"].weight == 50.0
+    # A restart resumes at the step (fresh interval), not from the start.
+    resumed = RolloutDriver(live, clock=clock, state_path=tmp_path / "rollouts.json")
+    assert resumed.states["m"].step == 1 and resumed.states["m"].state == "progressing"
+    # Failing answers roll it back on the next tick, well before the interval.
+    clock.t = 33
+    resumed.on_report(report("a", 40, 0, 10))
+    resumed.on_report(report("b", 40, 20, 10))
+    await resumed.tick()
+    state = resumed.status("m").rollouts[0]
+    assert state.state == "rolled_back" and state.weight == 0 and "error rate" in state.reason
+    assert {v: s.weight for v, s in live.config.models["m"].variants.items()} == {"a": 100.0, "b": 0.0}
+    assert "rolled_back" in live.current.note
+    # Rolled back stays rolled back: no move on later ticks.
+    before = live.current.id
+    clock.t = 100
+    await resumed.tick()
+    assert live.current.id == before
