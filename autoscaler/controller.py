@@ -24,6 +24,7 @@ from autoscaler.prewarm import warm_plan
 from autoscaler.providers.base import Provider
 from autoscaler.schedule import scheduled_minimums
 from autoscaler.table import TablePublisher
+from autoscaler.trend import expected_cold_start
 from autoscaler.window import MetricsWindow
 from cmesh.config import MeshConfig
 from protos import mesh_pb2
@@ -52,6 +53,7 @@ class Controller:
         self._decisions: dict[str, object] = {}
         self._warmed_at: dict[str, float] = {}
         self._graph_edges = model_edges(config)     # graph-ahead: upstream models per model
+        self._cold_start: dict[str, float] = {}    # last known cold start per model (trend-ahead's lead)
         self._refused: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._publish_pending = False
@@ -149,7 +151,17 @@ class Controller:
             current_dedicated=self._count(model, "dedicated"), scheduled_min=scheduled_min,
             touched_at=self._warmed_at.get(model),
             ahead_concurrency=(ahead or {}).get(model),
-            ready_serverless=sum(1 for r in self._current(model) if r.pool == "serverless" and r.state == "ready"))
+            ready_serverless=sum(1 for r in self._current(model) if r.pool == "serverless" and r.state == "ready"),
+            lead_s=self._lead(model))
+
+    def _lead(self, model: str) -> float | None:
+        """The model's expected cold start, from its replicas' own measurements;
+        remembered, so a model back from zero still has one."""
+        lead = expected_cold_start((r.cold_start_s for r in self.provider.replicas() if r.model == model),
+                                   self._cold_start.get(model))
+        if lead is not None:
+            self._cold_start[model] = lead
+        return lead
 
     def _ahead(self, now: float) -> dict[str, float] | None:
         """Graph-ahead predictions (``autoscaler.graph_ahead``), or None when off."""

@@ -49,7 +49,10 @@ the controller, the tests and the simulator (``sim/``) all call it, so what is
 tested and what is simulated is what production runs. With graph-ahead scaling
 (``autoscaler.graph_ahead``) the context also carries ``ahead_concurrency``, the
 load a model's upstream arrivals predict (``autoscaler.graph_ahead``); the
-policy scales to at least that, as if the load had already arrived.
+policy scales to at least that, as if the load had already arrived. With
+trend-ahead scaling (``autoscaler.trend``) it carries ``trend_concurrency``, a
+rising load projected one cold start (``lead_s``) ahead, folded in the same way:
+it only ever raises the load the policy sees, so it scales up, never down.
 
 The decision is made per model on that model's own load (the window holds each
 model separately), never on the mesh's aggregate request count, so a flood on
@@ -64,6 +67,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from autoscaler.trend import window_forecast
 from cmesh.config import AutoscalerConfig, DeploymentConfig
 
 if TYPE_CHECKING:
@@ -106,6 +110,12 @@ class ScalingContext:
     # Serverless replicas ready now (``current_serverless`` less those starting);
     # None: unknown (a hand-made context): the rate limit then counts them all.
     ready_serverless: int | None = None
+    # Seconds a replica asked for now takes to serve: the model's measured cold
+    # start (``autoscaler.trend.expected_cold_start``); None: not known yet.
+    lead_s: float | None = None
+    # Trend-ahead: the concurrency a rising arrival rate projects ``lead_s``
+    # ahead (``autoscaler.trend``); None: off, or no significant rise now.
+    trend_concurrency: float | None = None
 
     @classmethod
     def from_window(cls, window: "MetricsWindow", model: str, spec: DeploymentConfig,
@@ -113,20 +123,25 @@ class ScalingContext:
                     current_dedicated: int, scheduled_min: int = 0,
                     touched_at: float | None = None,
                     ahead_concurrency: float | None = None,
-                    ready_serverless: int | None = None) -> "ScalingContext":
+                    ready_serverless: int | None = None,
+                    lead_s: float | None = None) -> "ScalingContext":
         """Snapshot a model from the metrics window: the one way a context is
         built (controller, tests, simulator). ``touched_at`` is the last time
         something other than traffic made the model busy (a pre-warm, a Warm
         request), so warmed replicas get a full idle timeout and the warm-up
         floor. Times are compared with ``is not None``: 0.0 is a valid instant
         (a virtual clock starts there), never "unknown". ``idle_s`` is never
-        negative (a warm-up stamped a hair after ``now`` is idle 0, not -ε)."""
+        negative (a warm-up stamped a hair after ``now`` is idle 0, not -ε).
+        ``lead_s`` is the model's expected cold start; with ``trend_ahead`` on,
+        the trend forecast is made here, from the same window."""
         marks = [t for t in (window.last_traffic(model), touched_at) if t is not None]
+        stable = window.average_concurrency(model, now, config.stable_window_s)
+        panic = window.average_concurrency(model, now, config.panic_window_s)
+        load = panic if panic is not None else stable
         return cls(
             model=model, spec=spec,
             current_serverless=current_serverless, current_dedicated=current_dedicated,
-            stable_concurrency=window.average_concurrency(model, now, config.stable_window_s),
-            panic_concurrency=window.average_concurrency(model, now, config.panic_window_s),
+            stable_concurrency=stable, panic_concurrency=panic,
             metrics_age_s=window.last_sample_age(model, now),
             held=window.held(model, now),
             idle_s=max(0.0, now - max(marks)) if marks else None,
@@ -134,7 +149,8 @@ class ScalingContext:
             warmed_s=None if touched_at is None else max(0.0, now - touched_at),
             ahead_concurrency=ahead_concurrency,
             data_span_s=window.span(model, now, config.stable_window_s),
-            ready_serverless=ready_serverless)
+            ready_serverless=ready_serverless, lead_s=lead_s,
+            trend_concurrency=window_forecast(window, model, now, config, lead_s, load))
 
 
 @dataclass(frozen=True)
@@ -215,10 +231,19 @@ def decide(ctx: ScalingContext, config: AutoscalerConfig,
         # already here, in both windows (it is a short-horizon forecast).
         ahead = _pool_load(ctx.ahead_concurrency, spec)
         stable_load, panic_load = max(stable_load, ahead), max(panic_load, ahead)
+    trend_note = ""
+    if ctx.trend_concurrency is not None:
+        # Trend-ahead: what a rising load will be once a replica asked for now
+        # serves. A floor under both windows' loads, so it can only scale up.
+        trend = _pool_load(ctx.trend_concurrency, spec)
+        if trend > panic_load:
+            trend_note = f" (trend: {trend:.1f} in {ctx.lead_s or 0:.0f}s)"
+        stable_load, panic_load = max(stable_load, trend), max(panic_load, trend)
     want_stable = _replicas(stable_load, spec.target_concurrency)
     want_panic = _replicas(panic_load, spec.target_concurrency)
 
     desired, state, reason = _panic_step(ctx, config, state, want_stable, want_panic, stable_load, panic_load)
+    reason += trend_note
     ready = current if ctx.ready_serverless is None else min(current, ctx.ready_serverless)
     desired, note = _rate_limit(desired, current, ready, config.max_scale_up_rate)
     reason += note

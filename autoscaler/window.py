@@ -207,6 +207,20 @@ class MetricsWindow:
         return sum(n for idx, b in s.buckets.items() if (idx + 1) * self.bucket_s > lo
                    for n in b.arrivals.values())
 
+    def arrival_counts(self, model: str, now: float, window_s: float) -> list[int]:
+        """Arrivals per whole bucket in the covered part of ``(now - window_s, now]``,
+        all sources, oldest first (for a trend, ``autoscaler.trend``). The bucket
+        ``now`` falls in is still filling and a first bucket that starts before
+        the data does holds a partial count: both are left out; a bucket without
+        reports counts 0 (nothing was reported arriving then)."""
+        s = self._series.get(model)
+        if s is None or s.first_t is None:
+            return []
+        lower = max(now - window_s, s.first_t)
+        first = math.ceil(lower / self.bucket_s - 1e-9)
+        return [sum(s.buckets[i].arrivals.values()) if i in s.buckets else 0
+                for i in range(first, self._index(now))]
+
     # ---------------------------------------------------------------- helpers
 
     def _index(self, t: float) -> int:

@@ -404,6 +404,13 @@ class AutoscalerConfig(Strict):
     graph_ahead: bool = Field(False, description="scale a pipeline's downstream models on their upstream "
                                                  "models' arrivals times the measured branch ratios, "
                                                  "before their own queues show the load")
+    trend_ahead: bool = Field(False, description="scale up on a rising load's trend: the arrival rate's "
+                                                 "least-squares slope, projected one cold start ahead "
+                                                 "(autoscaler.trend); never scales down")
+    trend_lead_factor: float = Field(1.0, gt=0, le=4, description="trend_ahead: project this x the "
+                                                                  "model's measured cold start ahead")
+    trend_min_z: float = Field(3.0, ge=0, description="trend_ahead: a slope counts only this many "
+                                                      "standard errors above zero (noise does not scale)")
     drain_grace_s: float = Field(20.0, ge=0, description="scale-down: in-flight work may take this long")
     ready_timeout_s: float = Field(180.0, gt=0, description="a replica not ready by then is replaced")
     lease_ttl_s: float = Field(5.0, gt=0, description="leader lease in Redis; a standby takes over after it")

@@ -256,15 +256,17 @@ class SimProvider:
         if cold_s is None and cold > 0 and profile.cold_start_sigma > 0:
             cold = float(self.rng.lognormal(math.log(cold), profile.cold_start_sigma))
         if cold_s == 0.0:
-            self._ready(r, 0.0)
+            # Already serving (prestart): it started before the run, like any
+            # replica, and reports that cold start as its own measurement.
+            self._ready(r, 0.0, reported=profile.cold_start_s)
         else:
             self.loop.after(cold, self._ready, r, cold)
 
-    def _ready(self, r: SimReplica, cold: float) -> None:
+    def _ready(self, r: SimReplica, cold: float, reported: float | None = None) -> None:
         if r.state != "warming":
             return                                  # drained while it was starting
         r.state = r.handle.state = "ready"
-        r.handle.cold_start_s = cold
+        r.handle.cold_start_s = cold if reported is None else reported
         self.cold_starts.setdefault(r.model, []).append(cold)
         self._changed(r.model, ready=+1)
         self._on_ready(r)
