@@ -242,3 +242,30 @@ def test_controller_passes_its_replicas_cold_start_and_remembers_it() -> None:
     assert counts[-1] > 20
     provider.handles.clear()
     assert ctl._context("m", 90.0, 0).lead_s == 30.0       # remembered with no replica left
+
+
+def test_a_cleared_backlog_does_not_inflate_the_projection() -> None:
+    # The stable window still holds a backlog (40 s in the system), the panic
+    # window does not (4 s): the rise is projected with the smaller W.
+    rates = flat_then(0.5, seconds=60)
+    window = MetricsWindow(60, source_ttl_s=5)
+    for i, r in enumerate(rates):
+        window.add("m", float(i), concurrency=r * (40.0 if 60 <= i < 100 else W), arrivals=int(round(r)),
+                   source="r")
+    ctx = context(window, 119.0, ON, current=10, lead_s=30.0)
+    assert ctx.trend_concurrency is not None
+    assert ctx.trend_concurrency - ctx.panic_concurrency <= 0.5 * 30 * W + 1e-6
+
+
+def test_a_simulated_replica_already_serving_reports_the_profiles_cold_start() -> None:
+    from sim.events import EventLoop
+    from sim.profiles import parse_profiles
+    from sim.replicas import SimProvider
+
+    profiles = parse_profiles({"name": "p", "models": {"llm": {"latency_ms": {1: 100}, "cold_start_s": 150}}})
+    noop = lambda *a: None   # noqa: E731
+    provider = SimProvider(EventLoop(), profiles, np.random.default_rng(0), on_ready=noop, on_drain=noop,
+                           on_done=noop)
+    provider.prestart("llm", 2)
+    assert [h.cold_start_s for h in provider.replicas()] == [150.0, 150.0]
+    assert provider.cold_starts["llm"] == [0.0, 0.0]       # it started no cold start in the run
