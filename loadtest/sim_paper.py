@@ -52,7 +52,8 @@ def paper_config() -> MeshConfig:
     # without it, 5.8 s with it, at 1.5 % fewer replica-seconds).
     # Trend-ahead scale-up (autoscaler.trend): a ramp's arrival-rate slope
     # projected one measured cold start ahead, so the LLM's replicas (150 s to
-    # start) are asked for before the ramp's load arrives rather than after.
+    # start) are asked for before the ramp's load arrives rather than after
+    # (diurnal P95 5.8 s -> 4.9 s, deadline drops 4,848 -> 2,842).
     data["autoscaler"] = {"stable_window_s": 60, "panic_window_s": 6, "scale_down_delay_s": 60, "tick_s": 1,
                           "max_scale_down_rate": 2.0, "trend_ahead": True}
     data["router"] = {"max_queue_per_model": 20000, "max_held_per_model": 20000, "hold_timeout_s": 60}
