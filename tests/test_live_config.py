@@ -83,6 +83,7 @@ async def test_apply_switches_version_and_mode_and_refuses_invalid(tmp_path, adm
             assert "models.n: removed, but pipelines.p.nodes.b still uses it" in err.value.details()
             assert (await admin.history()).current_id == first
             assert (await scaler.status()).config_id == first
+            n_replicas = {r.id for r in await scaler.replicas("n")}
             # A version switch: first shown by the command line's dry run.
             new = yaml.safe_load(yaml.safe_dump(data))
             new["models"]["m"]["source"] = "store://m/2"
@@ -100,6 +101,7 @@ async def test_apply_switches_version_and_mode_and_refuses_invalid(tmp_path, adm
                 return answer.parameters.get("cmesh-source") == "store://m/2"
             await until(on_new, "answers from version 2", timeout=60)
             await until(lambda: _no_outgoing(scaler, "m"), "the old generation drained")
+            assert {r.id for r in await scaler.replicas("n")} == n_replicas   # unchanged models keep theirs
             # A mode switch re-pools without a restart.
             ids = {r.id for r in await scaler.replicas("m")}
             new["models"]["m"]["deployment"] = {"mode": "dedicated", "dedicated_replicas": len(ids),
