@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,15 +56,14 @@ Follow = Callable[[MeshConfig, str, Record], Awaitable[None]]
 
 class LiveConfig:
     def __init__(self, config: MeshConfig, history: ConfigHistory, follow: Follow,
-                 overrides: Mapping[str, object] | None = None, wall: Callable[[], float] = time.time,
-                 mirror=None, leading: Callable[[], bool] = lambda: True) -> None:
+                 overrides: Mapping[str, object] | None = None, mirror=None,
+                 leading: Callable[[], bool] = lambda: True) -> None:
         self.config = config
         self.history = history
         self.mirror = mirror            # autoscaler.config_mirror.RedisConfigMirror, with Redis
         self._leading = leading         # only the leader writes the mirror
         self._follow = follow
         self.overrides = dict(overrides or {})
-        self._wall = wall
         self._lock = asyncio.Lock()
 
     @property
@@ -122,8 +120,12 @@ class LiveConfig:
             return None
         body = await self.mirror.latest()
         current = self.history.current()
+        try:
+            mirrored_at = float((body or {}).get("applied_at") or 0)
+        except (TypeError, ValueError):
+            mirrored_at = 0.0                  # unreadable: not newer than anything
         newer = body is not None and (current is None or (
-            body.get("sha256") != current.sha256 and float(body.get("applied_at") or 0) > current.applied_at))
+            body.get("sha256") != current.sha256 and mirrored_at > current.applied_at))
         if not newer:
             if current is not None and (body is None or body.get("sha256") != current.sha256):
                 await self.mirror.publish(current, self.history.text(current.id))
