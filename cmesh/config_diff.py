@@ -8,7 +8,7 @@ left at its default and one set to the same value are equal.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +49,8 @@ def diff_configs(old: MeshConfig, new: MeshConfig) -> list[Change]:
     stay together even when another model's name extends it, as ``a`` and ``a-b``)."""
     a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
     found: list[_Keyed] = []
-    found += _models(old.models, new.models)
-    found += _pipelines(a["pipelines"], b["pipelines"])
+    found += _entries("model", ("models",), old.models, new.models, _model)
+    found += _entries("pipeline", ("pipelines",), a["pipelines"], b["pipelines"], _pipeline)
     found += _entries("tenant", ("tenants",), a["tenants"], b["tenants"])
     if a["schedules"] != b["schedules"]:
         found.append(_change("schedules", ("schedules",), a["schedules"], b["schedules"]))
@@ -76,17 +76,6 @@ def _line(change: Change) -> str:
 
 
 # --- models ------------------------------------------------------------------
-
-
-def _models(old: Mapping[str, ModelConfig], new: Mapping[str, ModelConfig]) -> Iterator[_Keyed]:
-    for name in sorted(old.keys() | new.keys()):
-        at = ("models", name)
-        if name not in new:
-            yield _change("model_removed", at)
-        elif name not in old:
-            yield _change("model_added", at)
-        else:
-            yield from _model(at, old[name], new[name])
 
 
 def _model(at: tuple[str, ...], old: ModelConfig, new: ModelConfig) -> Iterator[_Keyed]:
@@ -134,19 +123,11 @@ def _variant_summary(variant: Mapping[str, Any]) -> str:
 # --- pipelines, tenants, generic walks -----------------------------------------
 
 
-def _pipelines(old: Mapping[str, Any], new: Mapping[str, Any]) -> Iterator[_Keyed]:
-    for name in sorted(old.keys() | new.keys()):
-        at = ("pipelines", name)
-        if name not in new:
-            yield _change("pipeline_removed", at)
-        elif name not in old:
-            yield _change("pipeline_added", at)
-        else:
-            a, b = old[name], new[name]
-            for field in sorted(a.keys() | b.keys()):
-                if field != "nodes":
-                    yield from _walk("pipeline", at + (field,), a.get(field, ABSENT), b.get(field, ABSENT))
-            yield from _nodes(at + ("nodes",), a.get("nodes", {}), b.get("nodes", {}))
+def _pipeline(at: tuple[str, ...], a: Mapping[str, Any], b: Mapping[str, Any]) -> Iterator[_Keyed]:
+    for field in sorted(a.keys() | b.keys()):
+        if field != "nodes":
+            yield from _walk("pipeline", at + (field,), a.get(field, ABSENT), b.get(field, ABSENT))
+    yield from _nodes(at + ("nodes",), a.get("nodes", {}), b.get("nodes", {}))
 
 
 def _nodes(at: tuple[str, ...], old: Mapping[str, Any], new: Mapping[str, Any]) -> Iterator[_Keyed]:
@@ -170,14 +151,19 @@ def _non_default_node(node: Any) -> Any:
     return NodeConfig.model_validate(node).model_dump(mode="json", exclude_defaults=True)
 
 
-def _entries(kind: str, at: tuple[str, ...], old: Mapping[str, Any], new: Mapping[str, Any]) -> Iterator[_Keyed]:
+def _entries(kind: str, at: tuple[str, ...], old: Mapping[str, Any], new: Mapping[str, Any],
+             compare: Callable[[tuple[str, ...], Any, Any], Iterator[_Keyed]] | None = None) -> Iterator[_Keyed]:
+    """Entries added, removed, and (``compare``, else a walk to the leaves) changed."""
     for name in sorted(old.keys() | new.keys()):
+        here = at + (name,)
         if name not in new:
-            yield _change(f"{kind}_removed", at + (name,))
+            yield _change(f"{kind}_removed", here)
         elif name not in old:
-            yield _change(f"{kind}_added", at + (name,))
+            yield _change(f"{kind}_added", here)
+        elif compare is not None:
+            yield from compare(here, old[name], new[name])
         else:
-            yield from _walk(kind, at + (name,), old[name], new[name])
+            yield from _walk(kind, here, old[name], new[name])
 
 
 def _walk(kind: str, at: tuple[str, ...], old: Any, new: Any) -> Iterator[_Keyed]:
