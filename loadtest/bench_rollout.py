@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from loadtest.common import emit, percentile_ms, running_mesh
+from loadtest.common import emit, free_port, percentile_ms, running_mesh
 
 
 def echo_versions(store: Path) -> tuple[str, str]:
@@ -46,14 +46,6 @@ def echo_versions(store: Path) -> tuple[str, str]:
         (d / "model.yaml").write_text(dump_manifest(manifest))
         sources.append(f"store://echo/{version}")
     return sources[0], sources[1]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bench_config(store: Path, autoscaler_port: int) -> dict:

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -36,17 +35,11 @@ from pathlib import Path
 import numpy as np
 
 from cmesh.proc import spawn_service
-from loadtest.common import REPO, ServerProc, emit, write_temp_config
+from loadtest.common import REPO, ServerProc, emit, free_port, write_temp_config
 
 MODEL = "identity"
 REQUEST_TIMEOUT_S = 30.0
 DRAIN_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisProcess:

@@ -5,6 +5,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -16,6 +17,13 @@ import yaml
 from cmesh.proc import spawn_service
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A free loopback port (benchmarks send traffic only to 127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def percentile_ms(latencies_s: list[float], q: float) -> float:

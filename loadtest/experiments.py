@@ -28,25 +28,18 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
-from loadtest.common import REPO, emit, mesh_token, running_mesh
+from loadtest.common import REPO, emit, free_port, mesh_token, running_mesh
 from loadtest.experiment_plan import (STRATEGIES, Outcome, base_config, headline, markdown, peak_counts,
                                       strategy_config)
 from loadtest.scenario import load_scenario
 
 SCENARIOS = REPO / "loadtest" / "scenarios"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def warm_all(autoscaler: str, config: dict, timeout_s: float, internal_token: str | None = None) -> float:
