@@ -4,12 +4,12 @@ service (admin key from ``--admin-key`` or ``$CMESH_ADMIN_KEY``)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 from cmesh.cli.defaults import DEFAULT_ROUTER
+from cmesh.cli.mesh_calls import admin_metadata
 
 
 def _admin_call(args: argparse.Namespace, method: str, request):
@@ -18,12 +18,10 @@ def _admin_call(args: argparse.Namespace, method: str, request):
 
     from protos import mesh_pb2_grpc
 
-    key = args.admin_key or os.environ.get("CMESH_ADMIN_KEY")
-    metadata = [("authorization", f"Bearer {key}")] if key else []
     with grpc.insecure_channel(args.router) as channel:
         try:
-            return getattr(mesh_pb2_grpc.AdminStub(channel), method)(request, metadata=metadata,
-                                                                      timeout=args.timeout)
+            return getattr(mesh_pb2_grpc.AdminStub(channel), method)(
+                request, metadata=admin_metadata(args.admin_key), timeout=args.timeout)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return None

@@ -6,7 +6,7 @@ import json
 import sys
 
 from cmesh.cli.defaults import DEFAULT_CONFIG, DEFAULT_ROUTER
-from cmesh.cli.mesh_calls import replica_seconds
+from cmesh.cli.mesh_calls import admin_metadata, replica_seconds
 
 
 def _cmd_cost(args: argparse.Namespace) -> int:
@@ -53,8 +53,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         from cmesh.errors import component_error_of
         from protos import mesh_pb2, mesh_pb2_grpc
 
-        key = args.admin_key or os.environ.get("CMESH_ADMIN_KEY")
-        metadata = [("authorization", f"Bearer {key}")] if key else []
+        metadata = admin_metadata(args.admin_key)
         with grpc.insecure_channel(address) as channel:
             try:
                 response = mesh_pb2_grpc.AdminStub(channel).CostReport(

@@ -25,6 +25,13 @@ def internal_token(config_path: str | None) -> tuple[tuple[str, str], ...]:
     return ((HEADER, token),) if token else ()
 
 
+def admin_metadata(flag: str | None) -> list[tuple[str, str]]:
+    """Metadata with the admin key for a router's Admin service: the flag, then
+    ``$CMESH_ADMIN_KEY``; none when neither is set (the router then refuses by name)."""
+    key = flag or os.environ.get("CMESH_ADMIN_KEY")
+    return [("authorization", f"Bearer {key}")] if key else []
+
+
 def token_hint(code, config_path: str | None) -> str:
     import grpc
 
