@@ -21,7 +21,7 @@ from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.placement import Placed, place, replica_request, utilisation
 from autoscaler.policy import PolicyState, ScalingContext, decide, uniform_contexts
 from autoscaler.prewarm import warm_plan
-from autoscaler.providers.base import Provider
+from autoscaler.providers.base import LIVE, Provider
 from autoscaler.schedule import scheduled_minimums
 from autoscaler.table import TablePublisher
 from autoscaler.trend import expected_cold_start
@@ -227,7 +227,7 @@ class Controller:
         """The model's live replicas of its current generation."""
         out = {r.id for r in self.provider.outgoing(model)} if hasattr(self.provider, "outgoing") else set()
         return [r for r in self.provider.replicas()
-                if r.model == model and r.state in ("cold", "warming", "ready") and r.id not in out]
+                if r.model == model and r.state in LIVE and r.id not in out]
 
     def _count(self, model: str, pool: str) -> int:
         return sum(1 for r in self._current(model) if r.pool == pool)

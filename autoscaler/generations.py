@@ -16,10 +16,8 @@ import hashlib
 import json
 from collections.abc import Sequence
 
-from autoscaler.providers.base import ReplicaHandle
+from autoscaler.providers.base import LIVE, ReplicaHandle
 from cmesh.config import DeploymentConfig, MeshConfig
-
-LIVE = ("cold", "warming", "ready")
 
 
 def generation(config: MeshConfig, model: str) -> str:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from autoscaler.providers.base import ReplicaHandle
+from autoscaler.providers.base import LIVE, ReplicaHandle
 from sim.events import EventLoop
 from sim.profiles import HostProfile, ModelProfile, Profiles
 
@@ -191,7 +191,7 @@ class SimProvider:
 
     async def scale(self, model: str, pool: str, desired: int, devices: list[str]) -> None:
         live = [r for r in self._replicas.values()
-                if r.model == model and r.pool == pool and r.state in ("cold", "warming", "ready")]
+                if r.model == model and r.pool == pool and r.state in LIVE]
         if desired > len(live):
             for i in range(desired - len(live)):
                 self._spawn(model, pool, devices[i] if i < len(devices) else "")

@@ -14,6 +14,7 @@ from typing import Protocol
 # (process or pod starting, model loading) -> ready (in the endpoint table) ->
 # draining (out of the table, finishing in-flight work) -> gone.
 STATES = ("cold", "warming", "ready", "draining")
+LIVE = STATES[:3]                      # counted as the pool's: all but draining
 
 
 @dataclass

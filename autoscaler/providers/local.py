@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from autoscaler.generations import LIVE, generation
-from autoscaler.providers.base import ReplicaHandle
+from autoscaler.generations import generation
+from autoscaler.providers.base import LIVE, ReplicaHandle
 from cmesh.config import MeshConfig
 from cmesh.internal_auth import MeshCredentials, open_internal_channel
 
