@@ -66,12 +66,12 @@ class Autoscaler:
             probe = config.autoscaler.readiness_probe
             self.monitor = ReadinessMonitor(self.provider, ReplicaProber(credentials, probe.timeout_s), probe)
 
-    async def follow(self, config: MeshConfig, path: str, record: Record) -> None:
+    async def follow(self, config: MeshConfig, path: str, record: Record, text: str) -> None:
         """Obey an applied config (autoscaler.live): the controller and provider
         first, so the table that carries the config to routers has its replicas."""
         self.config = config
         await self.controller.apply(config, path, record.id)
-        await self.controller.publisher.set_config(record_proto(record, Path(path).read_text()))
+        await self.controller.publisher.set_config(record_proto(record, text))
         if self.leading.is_set():
             await self.controller.tick()
 

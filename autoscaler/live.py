@@ -50,8 +50,8 @@ def record_proto(record: Record, text: str = "") -> mesh_pb2.ConfigRecord:
                                  source=record.source, sha256=record.sha256, note=record.note, yaml=text)
 
 
-# follow(config, snapshot path, record) makes the services obey an applied config.
-Follow = Callable[[MeshConfig, str, Record], Awaitable[None]]
+# follow(config, snapshot path, record, its text) makes the services obey an applied config.
+Follow = Callable[[MeshConfig, str, Record, str], Awaitable[None]]
 
 
 class LiveConfig:
@@ -151,6 +151,7 @@ class LiveConfig:
 
     async def _obey(self, config: MeshConfig, record: Record) -> None:
         self.config = config
-        await self._follow(config, str(self.history.path(record.id)), record)
+        text = self.history.text(record.id)          # read once: for the routers and the mirror
+        await self._follow(config, str(self.history.path(record.id)), record, text)
         if self.mirror is not None and self._leading():
-            await self.mirror.publish(record, self.history.text(record.id))
+            await self.mirror.publish(record, text)

@@ -191,7 +191,7 @@ def doc(**models) -> str:
 async def test_apply_records_refuses_whole_and_rolls_back(tmp_path):
     followed = []
 
-    async def follow(config, path, record):
+    async def follow(config, path, record, text):
         followed.append((record.id, sorted(config.models)))
 
     text = doc(m={"source": "store://m/1"}, n={"source": "store://n/1"})
@@ -228,7 +228,7 @@ async def test_apply_records_refuses_whole_and_rolls_back(tmp_path):
 
 
 async def test_rollback_without_history_is_a_failed_precondition(tmp_path):
-    async def follow(config, path, record):
+    async def follow(config, path, record, text):
         return None
 
     text = doc(m={"source": "store://m/1"})
@@ -243,7 +243,7 @@ async def test_an_apply_survives_a_leader_failover_through_the_redis_mirror(tmp_
 
     from autoscaler.config_mirror import RedisConfigMirror
 
-    async def follow(config, path, record):
+    async def follow(config, path, record, text):
         return None
 
     key = f"cmesh:test:{uuid.uuid4().hex}"
@@ -291,7 +291,7 @@ async def test_the_rollout_driver_rolls_back_publishes_and_resumes_after_a_resta
     from cmesh.latency import N_BUCKETS, bucket_of
     from protos import mesh_pb2
 
-    async def follow(config, path, record):
+    async def follow(config, path, record, text):
         return None
 
     rollout = {"canary": "b", "steps": [10, 50, 100], "interval_s": 30, "max_error_rate": 0.05, "min_requests": 10}
