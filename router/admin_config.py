@@ -31,6 +31,11 @@ class ConfigAdmin:
             resp.followed = self.follower.config_id == resp.record.id
         return resp
 
+    async def reload(self, text: str, router_id: str) -> mesh_pb2.ApplyConfigResponse:
+        """SIGHUP: this router's file, applied as the operator's would be."""
+        return await self._call("ApplyConfig", mesh_pb2.ApplyConfigRequest(
+            yaml=text, applied_by=f"sighup:{router_id}", source="sighup"))
+
     async def history(self, request: mesh_pb2.ConfigHistoryRequest) -> mesh_pb2.ConfigHistoryResponse:
         return await self._call("ConfigHistory", request)
 

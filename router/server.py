@@ -18,7 +18,7 @@ from cmesh.rpc import guarded
 from cmesh.serving import grpc_server, start_metrics
 from cmesh.tls import add_port
 from protos import inference_pb2_grpc as pb_grpc
-from protos import mesh_pb2, mesh_pb2_grpc
+from protos import mesh_pb2_grpc
 from router.admin import AdminServicer
 from router.admin_config import ConfigAdmin
 from router.auth import Authenticator, Gate, Principal
@@ -161,8 +161,9 @@ class RouterServer:
                                                     manifests, spans=self.spans)
         mesh_pb2_grpc.add_PipelinesServicer_to_server(PipelinesServicer(pipelines), self._server)
         channel = self.source.channel if isinstance(self.source, AutoscalerSource) else None
+        self.configs = ConfigAdmin(channel, self.follower)
         mesh_pb2_grpc.add_AdminServicer_to_server(
-            AdminGate(AdminServicer(self.meter, lambda: self.config), ConfigAdmin(channel, self.follower),
+            AdminGate(AdminServicer(self.meter, lambda: self.config), self.configs,
                       lambda: self.door.auth), self._server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
@@ -218,17 +219,17 @@ class RouterServer:
         try:
             text = Path(path).read_text()
             if isinstance(self.source, AutoscalerSource):
-                stub = mesh_pb2_grpc.AutoscalerStub(self.source.channel)
-                resp = await stub.ApplyConfig(mesh_pb2.ApplyConfigRequest(
-                    yaml=text, applied_by=f"sighup:{self.router_id}", source="sighup"), timeout=30)
+                resp = await self.configs.reload(text, self.router_id)
                 log.info("SIGHUP: %s applied as %s (%d change(s))", path, resp.record.id, len(resp.changes))
                 return
             self.apply(parse_text(text, self.config, self.options.overrides))
             log.info("SIGHUP: reloaded %s", path)
         except ConfigError as exc:
             log.error("SIGHUP: %s refused: %s", path, refusal(exc).message)
-        except (OSError, grpc.aio.AioRpcError) as exc:
+        except OSError as exc:
             log.error("SIGHUP: %s not applied: %s", path, exc)
+        except MeshError as exc:                   # the autoscaler refused it, or is away
+            log.error("SIGHUP: %s not applied: %s", path, exc.message)
 
     async def stop(self, grace: float = 5.0) -> None:
         self.health.ready = False

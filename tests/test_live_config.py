@@ -236,6 +236,14 @@ async def test_sighup_reloads_the_file_in_the_autoscaler_and_in_a_static_router(
         assert history.records[0].applied_by == "sighup"
         await until(lambda: _follows(router, admin), "the router following it")
         assert router.config.models["n"].deployment.max_replicas == 3
+        # A router's own SIGHUP sends its file to the autoscaler, as an apply.
+        data["models"]["n"]["deployment"]["max_replicas"] = 4
+        write_config(cfg_path, data)
+        await router.reload_file(str(cfg_path))
+        latest = (await admin.history()).records[0]
+        assert latest.source == "sighup" and latest.applied_by == f"sighup:{router.router_id}"
+        await until(lambda: _follows(router, admin), "the router following its own reload")
+        assert router.config.models["n"].deployment.max_replicas == 4
     # A router with static endpoints has nobody to follow: SIGHUP reloads its own file.
     static = {"models": {"m": {"source": "store://m/1", "endpoints": ["127.0.0.1:9"]}}}
     path = write_config(tmp_path / "static.yaml", static)
