@@ -24,6 +24,7 @@ from autoscaler.prewarm import warm_plan
 from autoscaler.providers.base import LIVE, Provider
 from autoscaler.schedule import scheduled_minimums
 from autoscaler.table import TablePublisher
+from autoscaler.backlog import observe_service
 from autoscaler.trend import expected_cold_start
 from autoscaler.window import MetricsWindow
 from cmesh.config import MeshConfig
@@ -54,6 +55,7 @@ class Controller:
         self._warmed_at: dict[str, float] = {}
         self._graph_edges = model_edges(config)     # graph-ahead: upstream models per model
         self._cold_start: dict[str, float] = {}    # last known cold start per model (trend-ahead's lead)
+        self._service: dict[str, float] = {}       # time in system while keeping up (autoscaler.backlog)
         self._refused: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._publish_pending = False
@@ -145,14 +147,23 @@ class Controller:
     def _context(self, model: str, now: float, scheduled_min: int,
                  ahead: dict[str, float] | None = None) -> ScalingContext:
         # The one context builder (the tests' and the simulator's too).
-        return ScalingContext.from_window(
+        current = self._current(model)
+        ctx = ScalingContext.from_window(
             self.window, model, self.config.models[model].deployment, self.config.autoscaler, now,
             current_serverless=self._count(model, "serverless"),
             current_dedicated=self._count(model, "dedicated"), scheduled_min=scheduled_min,
             touched_at=self._warmed_at.get(model),
             ahead_concurrency=(ahead or {}).get(model),
-            ready_serverless=sum(1 for r in self._current(model) if r.pool == "serverless" and r.state == "ready"),
-            lead_s=self._lead(model))
+            ready_serverless=sum(1 for r in current if r.pool == "serverless" and r.state == "ready"),
+            lead_s=self._lead(model), service_s=self._service.get(model))
+        # Backlog-aware scaling's service time, measured only while the pool keeps
+        # up: every replica ready, nothing held (autoscaler.backlog).
+        keeping_up = bool(current) and ctx.held == 0 and all(r.state == "ready" for r in current)
+        service = observe_service(self._service.get(model), load=ctx.panic_concurrency, rate=ctx.arrival_rate,
+                                  keeping_up=keeping_up)
+        if service is not None:
+            self._service[model] = service
+        return ctx
 
     def _lead(self, model: str) -> float | None:
         """The model's expected cold start, from its replicas' own measurements;

@@ -20,6 +20,9 @@ The steps, each a small function, in order:
    threshold capacity spills to serverless);
 5. panic — the short window wanting ``panic_threshold`` x the current pool
    starts (or extends) panic; in panic the pool never shrinks;
+   backlog cap — with ``autoscaler.backlog_drain_s``, scale-up goes at most
+   to what the arrival rate and the queue's work over that many seconds need
+   (``autoscaler.backlog``), never below the current pool;
 6. rate limit — at most ``max_scale_up_rate`` x the pool's *ready* replicas
    (as Knative's ``maxScaleUpRate``; from zero: as if one were ready, so a burst
    from zero can start several at once), never below the current pool. Counting
@@ -67,6 +70,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from autoscaler.backlog import drain_load, panic_rate
 from autoscaler.trend import window_forecast
 from cmesh.config import AutoscalerConfig, DeploymentConfig
 
@@ -116,6 +120,11 @@ class ScalingContext:
     # Trend-ahead: the concurrency a rising arrival rate projects ``lead_s``
     # ahead (``autoscaler.trend``); None: off, or no significant rise now.
     trend_concurrency: float | None = None
+    # Arrivals per second over the panic window; None: no data.
+    arrival_rate: float | None = None
+    # The time a call spends in the system while the pool keeps up, remembered
+    # by the controller (``autoscaler.backlog``); None: not measured yet.
+    service_s: float | None = None
 
     @classmethod
     def from_window(cls, window: "MetricsWindow", model: str, spec: DeploymentConfig,
@@ -124,7 +133,8 @@ class ScalingContext:
                     touched_at: float | None = None,
                     ahead_concurrency: float | None = None,
                     ready_serverless: int | None = None,
-                    lead_s: float | None = None) -> "ScalingContext":
+                    lead_s: float | None = None,
+                    service_s: float | None = None) -> "ScalingContext":
         """Snapshot a model from the metrics window: the one way a context is
         built (controller, tests, simulator). ``touched_at`` is the last time
         something other than traffic made the model busy (a pre-warm, a Warm
@@ -133,11 +143,16 @@ class ScalingContext:
         (a virtual clock starts there), never "unknown". ``idle_s`` is never
         negative (a warm-up stamped a hair after ``now`` is idle 0, not -ε).
         ``lead_s`` is the model's expected cold start; with ``trend_ahead`` on,
-        the trend forecast is made here, from the same window."""
+        the trend forecast is made here, from the same window. ``service_s``
+        is the remembered time in system (``autoscaler.backlog``)."""
         marks = [t for t in (window.last_traffic(model), touched_at) if t is not None]
         stable = window.average_concurrency(model, now, config.stable_window_s)
         panic = window.average_concurrency(model, now, config.panic_window_s)
         load = panic if panic is not None else stable
+        rate = panic_rate(window, model, now, config.panic_window_s)
+        if config.backlog_drain_s is not None and load is not None:
+            # The trend projects from the flow, not from a queue (autoscaler.backlog).
+            load = drain_load(load, rate=rate, service_s=service_s, horizon_s=config.backlog_drain_s)
         return cls(
             model=model, spec=spec,
             current_serverless=current_serverless, current_dedicated=current_dedicated,
@@ -150,7 +165,9 @@ class ScalingContext:
             ahead_concurrency=ahead_concurrency,
             data_span_s=window.span(model, now, config.stable_window_s),
             ready_serverless=ready_serverless, lead_s=lead_s,
-            trend_concurrency=window_forecast(window, model, now, config, lead_s, load))
+            trend_concurrency=window_forecast(window, model, now, config, lead_s, load,
+                                              service_s if config.backlog_drain_s is not None else None),
+            arrival_rate=rate, service_s=service_s)
 
 
 @dataclass(frozen=True)
@@ -223,14 +240,18 @@ def decide(ctx: ScalingContext, config: AutoscalerConfig,
         # never count as idle. A fresh start for panic and delay state.
         return Decision(0, 0, False, f"idle {ctx.idle_s:.0f}s → 0"), PolicyState()
 
-    stable_load = _pool_load(ctx.stable_concurrency or 0.0, spec)
-    panic_load = _pool_load(ctx.panic_concurrency if ctx.panic_concurrency is not None
-                            else ctx.stable_concurrency or 0.0, spec)
+    recent = ctx.panic_concurrency if ctx.panic_concurrency is not None else ctx.stable_concurrency or 0.0
+    stable_load, panic_load = _pool_load(ctx.stable_concurrency or 0.0, spec), _pool_load(recent, spec)
+    # Backlog-aware: what scale-up may ask for, a queue counted as its work
+    # over one cold start rather than as concurrency (autoscaler.backlog).
+    drained = _pool_load(drain_load(recent, rate=ctx.arrival_rate, service_s=ctx.service_s,
+                                    horizon_s=config.backlog_drain_s), spec)
     if ctx.ahead_concurrency is not None:
         # Graph-ahead: what upstream arrivals say is on its way counts as load
         # already here, in both windows (it is a short-horizon forecast).
         ahead = _pool_load(ctx.ahead_concurrency, spec)
         stable_load, panic_load = max(stable_load, ahead), max(panic_load, ahead)
+        drained = max(drained, ahead)
     trend_note = ""
     if ctx.trend_concurrency is not None:
         # Trend-ahead: what a rising load will be once a replica asked for now
@@ -239,11 +260,16 @@ def decide(ctx: ScalingContext, config: AutoscalerConfig,
         if trend > panic_load:
             trend_note = f" (trend: {trend:.1f} in {ctx.lead_s or 0:.0f}s)"
         stable_load, panic_load = max(stable_load, trend), max(panic_load, trend)
+        drained = max(drained, trend)
     want_stable = _replicas(stable_load, spec.target_concurrency)
     want_panic = _replicas(panic_load, spec.target_concurrency)
 
     desired, state, reason = _panic_step(ctx, config, state, want_stable, want_panic, stable_load, panic_load)
     reason += trend_note
+    if config.backlog_drain_s is not None:
+        desired, note = _backlog_cap(desired, current, _replicas(drained, spec.target_concurrency), ctx,
+                                     config.backlog_drain_s)
+        reason += note
     ready = current if ctx.ready_serverless is None else min(current, ctx.ready_serverless)
     desired, note = _rate_limit(desired, current, ready, config.max_scale_up_rate)
     reason += note
@@ -330,6 +356,17 @@ def _panic_step(ctx: ScalingContext, config: AutoscalerConfig, state: PolicyStat
                              f"holding {peak} for {left:.0f}s")
     state = replace(state, panic_until=None, panic_peak=0)
     return want_stable, state, f"stable: {stable_load:.1f} {what} / {target} per replica → {want_stable}"
+
+
+def _backlog_cap(desired: int, current: int, want: int, ctx: ScalingContext,
+                 drain_s: float) -> tuple[int, str]:
+    """Scale up at most to what the flow and the queue's work over ``drain_s``
+    need (``want``), never below the current pool: it only slows scale-up."""
+    if desired <= current or want >= desired:
+        return desired, ""
+    capped = max(current, want)
+    return capped, (f" (backlog: {ctx.panic_concurrency or 0:.1f} in the system is mostly queue; "
+                    f"its work over {drain_s:g}s needs {want} → {capped})")
 
 
 def _rate_limit(desired: int, current: int, ready: int, rate: float) -> tuple[int, str]:

@@ -100,9 +100,13 @@ def forecast(trend: Trend | None, *, load: float, time_in_system_s: float, horiz
 
 
 def window_forecast(window: "MetricsWindow", model: str, now: float, config: "AutoscalerConfig",
-                    lead_s: float | None, load: float | None) -> float | None:
+                    lead_s: float | None, load: float | None,
+                    service_s: float | None = None) -> float | None:
     """:func:`forecast` from the autoscaler's metrics window; None when off, when
-    the model's cold start is unknown, or when its load is not rising now."""
+    the model's cold start is unknown, or when its load is not rising now.
+    ``service_s`` (backlog-aware scaling: the time in system measured while the
+    pool kept up) replaces Little's time from the windows, which a backlog
+    inflates."""
     if not config.trend_ahead or not lead_s or not load:
         return None
     stable_s, panic_s = config.stable_window_s, config.panic_window_s
@@ -114,7 +118,7 @@ def window_forecast(window: "MetricsWindow", model: str, now: float, config: "Au
     if stable_rate <= 0 or panic_rate <= stable_rate:
         return None                                 # not rising now: the measured load decides
     concurrency = window.average_concurrency(model, now, stable_s) or 0.0
-    time_in_system = min(concurrency / stable_rate, load / panic_rate)
+    time_in_system = service_s or min(concurrency / stable_rate, load / panic_rate)
     trend = fit(window.arrival_counts(model, now, stable_s), window.bucket_s)
     return forecast(trend, load=load, time_in_system_s=time_in_system,
                     horizon_s=config.trend_lead_factor * lead_s, min_z=config.trend_min_z,

@@ -411,6 +411,10 @@ class AutoscalerConfig(Strict):
                                                                   "model's measured cold start ahead")
     trend_min_z: float = Field(3.0, ge=0, description="trend_ahead: a slope counts only this many "
                                                       "standard errors above zero (noise does not scale)")
+    backlog_drain_s: float | None = Field(None, gt=0, description="backlog-aware scale-up: size a queue "
+                                          "to be drained this many seconds after the replicas asked "
+                                          "for serve, not as concurrency (autoscaler.backlog); "
+                                          "None: off")
     drain_grace_s: float = Field(20.0, ge=0, description="scale-down: in-flight work may take this long")
     ready_timeout_s: float = Field(180.0, gt=0, description="a replica not ready by then is replaced")
     lease_ttl_s: float = Field(5.0, gt=0, description="leader lease in Redis; a standby takes over after it")

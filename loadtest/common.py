@@ -64,12 +64,13 @@ def mesh_token(config: dict) -> str | None:
 
 @contextmanager
 def running_mesh(config: dict, *, autoscaler_args: tuple[str, ...] = (), log=print,
-                 internal_token: str | None = None):
+                 internal_token: str | None = None, pids: list[int] | None = None):
     """Autoscaler + router on loopback, from ``config`` (a mesh.yaml as a dict whose
     ``autoscaler.listen`` is set), with their own replica state dir. Yields
     (router address, autoscaler address); on exit stops the router, then the
     autoscaler, which drains and stops its replicas. ``internal_token`` goes to
-    every process in the variable ``security.internal_token_env`` names."""
+    every process in the variable ``security.internal_token_env`` names;
+    ``pids`` (a list) gets the autoscaler's and the router's process ids."""
     path = write_temp_config(config)
     state = Path(tempfile.mkdtemp(prefix="cmesh-mesh-"))
     env = {**os.environ, "CMESH_STATE_DIR": str(state)}
@@ -83,11 +84,29 @@ def running_mesh(config: dict, *, autoscaler_args: tuple[str, ...] = (), log=pri
             proc, ready = spawn_service([*args, "--log-level", "WARNING"], stderr=subprocess.DEVNULL,
                                         cwd=REPO, env=env)
             procs.append(proc)
+            if pids is not None:
+                pids.append(proc.pid)
         yield f"127.0.0.1:{ready['port']}", config["autoscaler"]["listen"]
     finally:
         stop_all(procs, log)
         path.unlink(missing_ok=True)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU seconds the processes have used so far (their own, not
+    their children's: an autoscaler's replicas are not counted); None where
+    ``/proc`` is not there to read (not Linux) or a process is gone."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat[stat.rindex(")") + 2:].split()      # after "pid (comm) "
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14, 15)
+    return total
 
 
 def stop_all(procs: list[subprocess.Popen], log=print, timeout_s: float = 60) -> None:

@@ -115,6 +115,9 @@ class Outcome:
     max_ready: dict[str, int] = field(default_factory=dict)
     p95_by_class: dict[str, float | None] = field(default_factory=dict)
     errors_by_code: dict[str, int] = field(default_factory=dict)
+    # CPU the router, autoscaler and load generator used over the replay, in
+    # cores (None: not measured); sim.calibrate's host overhead.
+    overhead_cores: float | None = None
 
     @classmethod
     def of(cls, strategy: str, summary: dict) -> "Outcome":
@@ -125,7 +128,7 @@ class Outcome:
                    drops=t["requests"] - t["ok"], replica_s=round(sum(by_model.values()), 3),
                    replica_s_by_model=dict(by_model), max_ready=dict(summary["replicas"]["max_ready"]),
                    p95_by_class={k: g["p95_ms"] for k, g in summary["by_latency_class"].items()},
-                   errors_by_code=dict(t["errors_by_code"]))
+                   errors_by_code=dict(t["errors_by_code"]), overhead_cores=summary.get("overhead_cores"))
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from loadtest.common import REPO, emit, free_port, mesh_token, running_mesh
+from loadtest.common import REPO, cpu_seconds, emit, free_port, mesh_token, running_mesh
 from loadtest.experiment_plan import (STRATEGIES, Outcome, base_config, headline, markdown, peak_counts,
                                       strategy_config)
 from loadtest.scenario import load_scenario
@@ -78,14 +78,23 @@ def run_strategy(name: str, config: dict, scenario_path: Path, *, compress: floa
 
     scenario = load_scenario(scenario_path)
     token = mesh_token(config)
-    with running_mesh(config, log=log, internal_token=token) as (router, autoscaler):
+    pids: list[int] = []
+    with running_mesh(config, log=log, internal_token=token, pids=pids) as (router, autoscaler):
         warm_s = uvloop.run(warm_all(autoscaler, config, timeout_s=240, internal_token=token))
         log(f"[{scenario.name}/{name}] mesh warm in {warm_s:.1f} s; replaying")
         options = replay.ReplayOptions(target=router, autoscaler=autoscaler, internal_token=token,
                                        compress=scenario.compress * compress, rate_scale=rate_scale,
                                        out=out / scenario.name / name, progress_s=15.0,
                                        log=lambda line: log(f"[{scenario.name}/{name}] {line}"))
+        # The cores the mesh's own processes and the load generator take while the
+        # replicas serve (sim.calibrate models them as the host's overhead).
+        pids.append(os.getpid())
+        cpu0, t0 = cpu_seconds(pids), time.monotonic()
         summary = uvloop.run(replay.run(options, scenario))
+        cpu1, t1 = cpu_seconds(pids), time.monotonic()
+    summary["overhead_cores"] = round((cpu1 - cpu0) / (t1 - t0), 3) if cpu0 is not None and cpu1 is not None \
+        else None
+    log(f"[{scenario.name}/{name}] router, autoscaler and load generator used {summary['overhead_cores']} cores")
     for line in replay.report(summary, options.out):
         log(f"[{scenario.name}/{name}] {line}")
     return summary

@@ -1,7 +1,8 @@
 """Calibration: the simulator against a real ``loadtest.experiments`` run on this machine.
 
     python -m sim.calibrate --write-config /tmp/exp-mesh.yaml          # 1. the experiment's mesh
-    cmesh profile --config /tmp/exp-mesh.yaml --out /tmp/here.yaml     # 2. profiles measured here
+    cmesh profile --config /tmp/exp-mesh.yaml --scenario loadtest/scenarios/spike10x.yaml \
+        --cores 2 --out /tmp/here.yaml                                   # 2. profiles measured here
     python -m loadtest.experiments --quick                             # 3. the real run
     python -m sim.calibrate --experiment results/experiments/results.json --profiles /tmp/here.yaml
 
@@ -15,10 +16,13 @@ JSON object last (``pass`` true when every strategy is within both bounds).
 
 CPU sharing: on this 2-core machine every replica, the router, the
 autoscaler and the load generator share the cores. The profiles' ``host``
-section models it (``sim.profiles``): ``cores`` (measured: the CPU count) less
-``overhead_cores`` for the non-replica processes; a batch that starts while the
-computing replicas want more than that runs slower in proportion.
-``--overhead-cores`` overrides the profile's value.
+section models it (``sim.profiles``, ``sim.replicas.Host``): ``cores``
+(measured: the CPU count) less ``overhead_cores`` for the non-replica
+processes, shared between the computing replicas by processor sharing. The
+overhead is measured, not fitted: ``loadtest.experiments`` records the CPU
+seconds the router, the autoscaler and the load generator used over each
+replay (``overhead_cores`` in each outcome), and each strategy is simulated
+with its own run's figure. ``--overhead-cores`` overrides it.
 """
 from __future__ import annotations
 
@@ -47,8 +51,21 @@ def experiment_config(compress: float) -> MeshConfig:
                         "experiment mesh")
 
 
-def compare(experiment: dict, profiles: Profiles, *, seed: int = 0, log=None) -> dict:
-    """Per scenario and strategy: real vs simulated replica-seconds and P95."""
+def _host_of(profiles: Profiles, override: float | None, measured: float | None) -> Profiles:
+    """The profiles with the host overhead to simulate: ``override``, else what the
+    real run measured, else the profiles' own (a new object; none is mutated)."""
+    cores = override if override is not None else measured
+    if cores is None or profiles.host.cores is None:
+        return profiles
+    cores = min(cores, profiles.host.cores * 0.95)     # a host with no core left is not one
+    return profiles.model_copy(update={"host": profiles.host.model_copy(update={"overhead_cores": cores})})
+
+
+def compare(experiment: dict, profiles: Profiles, *, seed: int = 0, overhead_cores: float | None = None,
+            log=None) -> dict:
+    """Per scenario and strategy: real vs simulated replica-seconds and P95. The
+    host's overhead is the cores the real run's router, autoscaler and load
+    generator used (``overhead_cores`` in each outcome), unless given."""
     meta = experiment["meta"]
     compress, rscale = float(meta["compress"]), float(meta["rate_scale"])
     config = experiment_config(compress)
@@ -61,21 +78,23 @@ def compare(experiment: dict, profiles: Profiles, *, seed: int = 0, log=None) ->
             static = peak_counts(runs["permodel"].get("max_ready", {}), list(config.models))
         for strategy, real in runs.items():
             opts = SimOptions(strategy=strategy, seed=seed, static_counts=static if strategy == "static" else None)
-            r = simulate(config, profiles, workload, opts)
+            used = _host_of(profiles, overhead_cores, real.get("overhead_cores"))
+            r = simulate(config, used, workload, opts)
             sim_p95 = r.totals["p95_ms"]
             row = {"scenario": scenario, "strategy": strategy,
                    "real_replica_s": real["replica_s"], "sim_replica_s": r.totals["replica_s"],
                    "real_p95_ms": real["p95_ms"], "sim_p95_ms": sim_p95,
                    "real_drops": real.get("drops"), "sim_drops": r.totals["drops"],
                    "sim_peak": {m: d["peak_replicas"] for m, d in r.by_model.items()},
-                   "real_peak": real.get("max_ready", {})}
+                   "real_peak": real.get("max_ready", {}), "overhead_cores": used.host.overhead_cores}
             row["replica_s_error"] = _err(row["sim_replica_s"], row["real_replica_s"])
             row["p95_error"] = _err(sim_p95, row["real_p95_ms"])
             row["within"] = (row["replica_s_error"] is not None and abs(row["replica_s_error"]) <= REPLICA_S_TOL
                              and row["p95_error"] is not None and abs(row["p95_error"]) <= P95_TOL)
             rows.append(row)
             if log:
-                log(f"{scenario}/{strategy}: replica-s real {row['real_replica_s']} sim {row['sim_replica_s']} "
+                log(f"{scenario}/{strategy} (overhead {row['overhead_cores']} cores): "
+                    f"replica-s real {row['real_replica_s']} sim {row['sim_replica_s']} "
                     f"({_pct(row['replica_s_error'])}), P95 real {row['real_p95_ms']} sim {sim_p95} "
                     f"({_pct(row['p95_error'])}) {'OK' if row['within'] else 'OUT'}")
     return {"rows": rows, "pass": bool(rows) and all(r["within"] for r in rows),
@@ -97,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--experiment", help="results.json of python -m loadtest.experiments")
     p.add_argument("--profiles", help="profiles measured here (cmesh profile)")
-    p.add_argument("--overhead-cores", type=float, default=None, help="override host.overhead_cores")
+    p.add_argument("--overhead-cores", type=float, default=None,
+                   help="override the overhead each real run measured (host.overhead_cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write-config", metavar="PATH", help="write the experiment's mesh.yaml (for cmesh profile)")
     p.add_argument("--compress", type=float, default=3.0, help="with --write-config (default 3, as --quick)")
@@ -112,13 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.experiment and args.profiles):
         p.error("--experiment and --profiles are both needed")
     profiles = load_profiles(args.profiles)
-    if args.overhead_cores is not None:
-        profiles.host.overhead_cores = args.overhead_cores
     result = compare(json.loads(Path(args.experiment).read_text()), profiles, seed=args.seed,
-                     log=lambda line: print(line, flush=True))
+                     overhead_cores=args.overhead_cores, log=lambda line: print(line, flush=True))
     emit({"pass": result["pass"], "rows": [{k: r[k] for k in ("scenario", "strategy", "real_replica_s",
                                                               "sim_replica_s", "replica_s_error", "real_p95_ms",
-                                                              "sim_p95_ms", "p95_error", "within")}
+                                                              "sim_p95_ms", "p95_error", "overhead_cores",
+                                                              "within")}
                                            for r in result["rows"]]})
     return 0 if result["pass"] else 1
 

@@ -6,7 +6,8 @@ and ``when`` conditions are evaluated by the production evaluator
 (``cmesh.expr.evaluate`` / ``truthy``) on an environment like the executor's:
 ``request.text`` and every ancestor's outputs (None when skipped or degraded).
 Node outputs are drawn from the model's profile (``outputs``: ``intent.label``
-is ``order_status`` with probability p). A condition depends only on the text
+is ``order_status`` with probability p), or are the ones measured for the
+request's text (``outputs_by_text``). A condition depends only on the text
 and the ancestors' drawn outputs, so its value is cached per such combination.
 
 Failure policy as the executor's: a node whose ``when`` is false is skipped; an
@@ -30,11 +31,13 @@ _UNSEEN = object()
 
 
 class Outputs:
-    """A model's output combinations and their cumulative probabilities."""
+    """A model's output combinations and their cumulative probabilities, and
+    the combination measured for each listed request text (``fixed``)."""
 
-    __slots__ = ("values", "cum", "several")
+    __slots__ = ("values", "cum", "several", "fixed")
 
-    def __init__(self, spec: dict[str, dict[str, float]]) -> None:
+    def __init__(self, spec: dict[str, dict[str, float]],
+                 by_text: dict[str, dict[str, str]] | None = None) -> None:
         combos: list[tuple[dict, float]] = [({}, 1.0)]
         for name, dist in spec.items():
             total = sum(dist.values())
@@ -44,7 +47,17 @@ class Outputs:
         for _, p in combos:
             acc += p
             self.cum.append(acc)
-        self.several = len(self.cum) > 1
+        self.fixed: dict[str, int] = {}
+        for text, out in (by_text or {}).items():
+            if out not in self.values:
+                self.values.append(dict(out))      # after the drawn ones: draw() never picks it
+            self.fixed[text] = self.values.index(out)
+        self.several = len(self.cum) > 1 or bool(self.fixed)
+
+    def choose(self, text: str, rng: random.Random) -> int:
+        """The measured outputs for ``text``, else a draw (no draw is spent on a listed text)."""
+        got = self.fixed.get(text)
+        return got if got is not None else self.draw(rng.random())
 
     def draw(self, u: float) -> int:
         for i, c in enumerate(self.cum):
@@ -88,8 +101,8 @@ class PipelineFlow:
         self.ancestors = {n: tuple(sorted(g.ancestors[n])) for n in g.order}
         self.outputs: dict[str, Outputs] = {}
         for n in g.order:
-            spec = profiles.for_model(self.model[n]).outputs
-            self.outputs[n] = Outputs(spec)
+            profile = profiles.for_model(self.model[n])
+            self.outputs[n] = Outputs(profile.outputs, profile.outputs_by_text)
         self._when_cache: dict[tuple, bool | None] = {}
         # Per node: (model, when expression or None, timeout s or None, optional).
         self.info = {n: (self.model[n], g.when.get(n), self.timeout_s.get(n), self.optional[n]) for n in g.order}
@@ -173,7 +186,7 @@ class PipelineFlow:
             choice = -1
         else:
             out = self.outputs[node]
-            choice = out.draw(self.rng.random()) if out.several else 0
+            choice = out.choose(req.texts[req.text_idx], self.rng) if out.several else 0
         ready = self._complete(req, node, choice)
         if ready:
             self._launch(req, ready)

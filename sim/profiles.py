@@ -7,7 +7,11 @@ what waits; ``continuous``: iteration-level, a request joins the running batch
 and takes the curve's latency at the batch size it joined), the largest batch,
 and the cold start (log-normal: median and shape ``sigma``). ``outputs`` gives
 the distribution of output values that pipeline ``when`` conditions read
-(``intent.label``); a model without them outputs ``{}``.
+(``intent.label``); a model without them outputs ``{}``. ``outputs_by_text``
+(what ``cmesh profile`` measured per request text) gives a request with a
+listed text exactly those outputs, so a condition on the label and on the text
+(``orders``: an order-status label *and* a number in the text) holds for the
+requests it held for in the real run, not for an independent draw of each.
 
 ``host.cores`` models CPU sharing between co-located replicas (this machine: 2
 cores shared by every replica, the router and the autoscaler): a batch that
@@ -50,6 +54,9 @@ class ModelProfile(Strict):
     cpu_cores: float = Field(1.0, gt=0, description="cores a computing replica uses (with host.cores)")
     outputs: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="output name -> value -> probability, for `when` conditions")
+    outputs_by_text: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="request text -> output name -> value, as measured (cmesh "
+                                          "profile); a request with a listed text gets these, others draw")
     measured: dict = Field(default_factory=dict, description="how it was measured (cmesh profile)")
 
     @field_validator("latency_ms")

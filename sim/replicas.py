@@ -13,9 +13,8 @@ time is paid on the way back, once per finished batch: ``SimReplica.submit``): `
 batch at a time (what waits, up to the largest batch, after the queue delay);
 ``continuous`` batching lets each request join the running batch at once (up
 to the largest batch) and take the curve's latency at the size it joined. With
-``host.cores`` set, batches that start while the host is oversubscribed run
-slower by the ratio of cores wanted to cores there (CPU sharing on a small
-machine; ``sim.profiles``).
+``host.cores`` set, the computing replicas share the host's cores (``Host``:
+processor sharing; ``sim.profiles``).
 """
 from __future__ import annotations
 
@@ -31,18 +30,63 @@ from sim.profiles import HostProfile, ModelProfile, Profiles
 
 
 class Host:
-    """CPU cores shared by every replica (None: each replica has its own)."""
+    """CPU cores shared by every replica (None: each replica has its own).
 
-    __slots__ = ("available", "busy")
+    Processor sharing, as the kernel's fair scheduler shares cores between
+    runnable threads: while the computing replicas want more cores
+    (``busy``) than the host has for them (``available``), every running
+    job progresses at ``available / busy`` of full speed, and each change in
+    ``busy`` re-times the jobs still running. A job is one batch (dynamic) or
+    one call (continuous); its work is the curve's latency at full speed.
+    """
 
-    def __init__(self, profile: HostProfile) -> None:
+    __slots__ = ("available", "busy", "rate", "loop", "_jobs", "_since")
+
+    def __init__(self, profile: HostProfile, loop: EventLoop) -> None:
         self.available = None if profile.cores is None else profile.cores - profile.overhead_cores
         self.busy = 0.0
+        self.rate = 1.0
+        self.loop = loop
+        self._jobs: dict[int, list] = {}    # id -> [work left at full speed (s), fn, args, stamp]
+        self._since = 0.0                   # when the jobs' work left was last brought up to date
 
-    def slowdown(self, cores: float) -> float:
+    def run(self, work: float, fn: Callable, args: tuple) -> None:
+        """``fn(*args)`` once ``work`` seconds of full-speed compute are done."""
         if self.available is None:
-            return 1.0
-        return max(1.0, (self.busy + cores) / self.available)
+            self.loop.push(self.loop.now + work, fn, args)
+            return
+        self._settle()
+        job = [work, fn, args, 0]
+        self._jobs[id(job)] = job
+        self.loop.push(self.loop.now + work / self.rate, self._fire, (job, 0))
+
+    def use(self, cores: float) -> None:
+        """A replica starts (``cores`` > 0) or stops (< 0) computing."""
+        self.busy += cores
+        if self.available is None:
+            return
+        rate = 1.0 if self.busy <= self.available else self.available / self.busy
+        if rate != self.rate:
+            self._settle()
+            self.rate = rate
+            now, push = self.loop.now, self.loop.push
+            for job in self._jobs.values():
+                job[3] += 1
+                push(now + job[0] / rate, self._fire, (job, job[3]))
+
+    def _settle(self) -> None:
+        now = self.loop.now
+        done = (now - self._since) * self.rate
+        self._since = now
+        if done > 0:
+            for job in self._jobs.values():
+                job[0] -= done
+
+    def _fire(self, job: list, stamp: int) -> None:
+        if job[3] != stamp or self._jobs.pop(id(job), None) is None:
+            return                                  # re-timed since, or already done
+        self._settle()
+        job[1](*job[2])
 
 
 class SimReplica:
@@ -107,17 +151,13 @@ class SimReplica:
             q.clear()
         else:
             batch = [q.popleft() for _ in range(n)]
-        host = self.host
-        dur = self.curve(n)
-        if host.available is not None:
-            dur *= host.slowdown(self.cores)
-        host.busy += self.cores
         self.running = 1
-        self.push(self.loop.now + dur, self._batch_done, (batch,))
+        self.host.use(self.cores)
+        self.host.run(self.curve(n), self._batch_done, (batch,))
 
     def _batch_done(self, batch: list) -> None:
         self.running = 0
-        self.host.busy -= self.cores
+        self.host.use(-self.cores)
         self.served += len(batch)
         if self.net_s > 0:
             self.push(self.loop.now + self.net_s, self.on_done, (batch, self))
@@ -131,22 +171,17 @@ class SimReplica:
                 self._start_batch()
 
     def _start_one(self, call) -> None:
-        host = self.host
         if self.running == 0:
-            slow = host.slowdown(self.cores)
-            host.busy += self.cores
-        else:
-            slow = host.slowdown(0.0) if host.available is not None else 1.0
+            self.host.use(self.cores)
         self.running += 1
-        dur = self.curve(self.running) * slow
-        self.push(self.loop.now + dur + self.net_s, self._one_done, (call,))
+        self.host.run(self.curve(self.running) + self.net_s, self._one_done, (call,))
 
     def _one_done(self, call) -> None:
-        # Continuous batching: the answer's network time is in the event's time
+        # Continuous batching: the answer's network time is in the job's work
         # (one event per call); its slot frees ``net_s`` late, a few ms in seconds.
         self.running -= 1
         if self.running == 0:
-            self.host.busy -= self.cores
+            self.host.use(-self.cores)
         self.served += 1
         self.on_done((call,), self)
         if self.queue and self.running < self.max_batch:
@@ -162,7 +197,7 @@ class SimProvider:
         self.loop = loop
         self.profiles = profiles
         self.rng = rng
-        self.host = Host(profiles.host)
+        self.host = Host(profiles.host, loop)
         self._on_ready, self._on_drain, self._on_done = on_ready, on_drain, on_done
         self._replicas: dict[str, SimReplica] = {}
         self._handles: list[ReplicaHandle] | None = None

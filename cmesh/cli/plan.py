@@ -21,8 +21,14 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: unknown model(s) {', '.join(unknown)} in {args.config}", file=sys.stderr)
         return 1
+    texts = None
+    if args.scenario:
+        from loadtest.scenario import load_scenario
+        from sim.measure import scenario_texts
+
+        texts = scenario_texts(load_scenario(args.scenario), config)
     profiles = measure(config, Path(args.config), models, cold_starts=args.cold_starts, repeats=args.repeats,
-                       cores=args.cores, log=lambda line: print(line, file=sys.stderr, flush=True))
+                       cores=args.cores, texts=texts, log=lambda line: print(line, file=sys.stderr, flush=True))
     text = dump_profiles(profiles)
     if args.out:
         Path(args.out).write_text(text)
@@ -75,6 +81,8 @@ def add_parsers(sub) -> None:
     prof.add_argument("--repeats", type=int, default=5, help="batches per batch size (default 5)")
     prof.add_argument("--cores", type=float, default=None,
                       help="host.cores to record for CPU sharing (default: this machine's CPU count)")
+    prof.add_argument("--scenario", default=None,
+                      help="send each model the request texts of this replay scenario's classes that reach it")
     prof.add_argument("--out", default=None, help="write the YAML here")
     prof.set_defaults(func=_cmd_profile)
 

@@ -43,7 +43,7 @@ class NodeCaller:
         from router.pipelines.executor import NodeResult
 
         manifest = await self.manifests.get(model)
-        inputs = self._inputs(node, config, manifest, env)
+        inputs = node_inputs(node, config, manifest, env, self.pipeline)
         try:
             params = render_params(config.params, env)     # every string inside, nested too
         except ExprError as exc:
@@ -70,28 +70,34 @@ class NodeCaller:
                           input_tokens=acc.input_tokens, output_tokens=acc.output_tokens,
                           variant=acc.variant, model_used=model)
 
-    def _inputs(self, node: str, config: NodeConfig, manifest: Manifest, env: dict[str, Any]) -> dict:
-        specs = {s.name: s for s in manifest.inputs}
-        if isinstance(config.input, dict):
-            raw = {name: self._value(node, f"input.{name}", expr, env) for name, expr in config.input.items()}
-        elif config.input is not None:
-            raw = {manifest.inputs[0].name: self._value(node, "input", config.input, env)}
-        else:
-            raw = {manifest.inputs[0].name: env["request"].get("text")}
-        tensors = {}
-        for name, value in raw.items():
-            if name not in specs:
-                raise InvalidInput(f"input.{name}", f"model {config.model!r} has no input {name!r}; it takes "
-                                                    f"{sorted(specs)}", node=node, pipeline=self.pipeline)
-            if value is None and specs[name].optional:
-                continue
-            tensors[name] = to_tensor(specs[name], value, node=node, pipeline=self.pipeline)
-        return tensors
 
-    def _value(self, node: str, field: str, expr: Any, env: dict[str, Any]) -> Any:
-        if not isinstance(expr, str):
-            return expr                          # a literal from YAML (number, bool)
-        try:
-            return evaluate(parse(expr), env)
-        except ExprError as exc:
-            raise InvalidInput(field, str(exc), node=node, pipeline=self.pipeline) from None
+def node_inputs(node: str, config: NodeConfig, manifest: Manifest, env: dict[str, Any], pipeline: str) -> dict:
+    """A node's input tensors: its ``input`` expressions evaluated on ``env``
+    (``request`` and the ancestors' outputs) and typed by the model's manifest.
+    The router's node calls and ``cmesh profile`` (``sim.measure``: a model
+    measured with what its pipeline sends it) both build them here."""
+    specs = {s.name: s for s in manifest.inputs}
+    if isinstance(config.input, dict):
+        raw = {name: _value(node, f"input.{name}", expr, env, pipeline) for name, expr in config.input.items()}
+    elif config.input is not None:
+        raw = {manifest.inputs[0].name: _value(node, "input", config.input, env, pipeline)}
+    else:
+        raw = {manifest.inputs[0].name: env["request"].get("text")}
+    tensors = {}
+    for name, value in raw.items():
+        if name not in specs:
+            raise InvalidInput(f"input.{name}", f"model {config.model!r} has no input {name!r}; it takes "
+                                                f"{sorted(specs)}", node=node, pipeline=pipeline)
+        if value is None and specs[name].optional:
+            continue
+        tensors[name] = to_tensor(specs[name], value, node=node, pipeline=pipeline)
+    return tensors
+
+
+def _value(node: str, field: str, expr: Any, env: dict[str, Any], pipeline: str) -> Any:
+    if not isinstance(expr, str):
+        return expr                          # a literal from YAML (number, bool)
+    try:
+        return evaluate(parse(expr), env)
+    except ExprError as exc:
+        raise InvalidInput(field, str(exc), node=node, pipeline=pipeline) from None
