@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+from autoscaler.backlog import observe_service
 from autoscaler.generations import repool, to_retire
 from autoscaler.graph_ahead import ahead_concurrency, model_edges, window_rates
 from autoscaler.metrics import AutoscalerMetrics
@@ -24,7 +25,6 @@ from autoscaler.prewarm import warm_plan
 from autoscaler.providers.base import LIVE, Provider
 from autoscaler.schedule import scheduled_minimums
 from autoscaler.table import TablePublisher
-from autoscaler.backlog import observe_service
 from autoscaler.trend import expected_cold_start
 from autoscaler.window import MetricsWindow
 from cmesh.config import MeshConfig

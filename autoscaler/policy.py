@@ -242,8 +242,8 @@ def decide(ctx: ScalingContext, config: AutoscalerConfig,
 
     recent = ctx.panic_concurrency if ctx.panic_concurrency is not None else ctx.stable_concurrency or 0.0
     stable_load, panic_load = _pool_load(ctx.stable_concurrency or 0.0, spec), _pool_load(recent, spec)
-    # Backlog-aware: what scale-up may ask for, a queue counted as its work
-    # over one cold start rather than as concurrency (autoscaler.backlog).
+    # Backlog-aware: what scale-up may ask for, a queue counted as its work over
+    # backlog_drain_s rather than as concurrency (autoscaler.backlog).
     drained = _pool_load(drain_load(recent, rate=ctx.arrival_rate, service_s=ctx.service_s,
                                     horizon_s=config.backlog_drain_s), spec)
     if ctx.ahead_concurrency is not None:

@@ -109,6 +109,17 @@ def cpu_seconds(pids: list[int]) -> float | None:
     return total
 
 
+def busy_seconds() -> float | None:
+    """Core-seconds this machine has spent busy (every process: all of /proc/stat's
+    first line but idle and iowait); None where there is no /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields[:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def stop_all(procs: list[subprocess.Popen], log=print, timeout_s: float = 60) -> None:
     """SIGTERM each process, last started first; SIGKILL what outlives ``timeout_s``."""
     for proc in reversed(procs):

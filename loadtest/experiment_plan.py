@@ -118,6 +118,7 @@ class Outcome:
     # CPU the router, autoscaler and load generator used over the replay, in
     # cores (None: not measured); sim.calibrate's host overhead.
     overhead_cores: float | None = None
+    busy_cores: float | None = None   # the whole machine's CPU over the replay, in cores
 
     @classmethod
     def of(cls, strategy: str, summary: dict) -> "Outcome":
@@ -128,7 +129,8 @@ class Outcome:
                    drops=t["requests"] - t["ok"], replica_s=round(sum(by_model.values()), 3),
                    replica_s_by_model=dict(by_model), max_ready=dict(summary["replicas"]["max_ready"]),
                    p95_by_class={k: g["p95_ms"] for k, g in summary["by_latency_class"].items()},
-                   errors_by_code=dict(t["errors_by_code"]), overhead_cores=summary.get("overhead_cores"))
+                   errors_by_code=dict(t["errors_by_code"]), overhead_cores=summary.get("overhead_cores"),
+                   busy_cores=summary.get("busy_cores"))
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from loadtest.common import REPO, cpu_seconds, emit, free_port, mesh_token, running_mesh
+from loadtest.common import REPO, busy_seconds, cpu_seconds, emit, free_port, mesh_token, running_mesh
 from loadtest.experiment_plan import (STRATEGIES, Outcome, base_config, headline, markdown, peak_counts,
                                       strategy_config)
 from loadtest.scenario import load_scenario
@@ -89,12 +89,13 @@ def run_strategy(name: str, config: dict, scenario_path: Path, *, compress: floa
         # The cores the mesh's own processes and the load generator take while the
         # replicas serve (sim.calibrate models them as the host's overhead).
         pids.append(os.getpid())
-        cpu0, t0 = cpu_seconds(pids), time.monotonic()
+        cpu0, busy0, t0 = cpu_seconds(pids), busy_seconds(), time.monotonic()
         summary = uvloop.run(replay.run(options, scenario))
-        cpu1, t1 = cpu_seconds(pids), time.monotonic()
-    summary["overhead_cores"] = round((cpu1 - cpu0) / (t1 - t0), 3) if cpu0 is not None and cpu1 is not None \
-        else None
-    log(f"[{scenario.name}/{name}] router, autoscaler and load generator used {summary['overhead_cores']} cores")
+        cpu1, busy1, t1 = cpu_seconds(pids), busy_seconds(), time.monotonic()
+    per_s = lambda a, b: round((b - a) / (t1 - t0), 3) if a is not None and b is not None else None   # noqa: E731
+    summary["overhead_cores"], summary["busy_cores"] = per_s(cpu0, cpu1), per_s(busy0, busy1)
+    log(f"[{scenario.name}/{name}] the machine was busy {summary['busy_cores']} cores, the router, "
+        f"autoscaler and load generator {summary['overhead_cores']} of them")
     for line in replay.report(summary, options.out):
         log(f"[{scenario.name}/{name}] {line}")
     return summary

@@ -18,11 +18,15 @@ CPU sharing: on this 2-core machine every replica, the router, the
 autoscaler and the load generator share the cores. The profiles' ``host``
 section models it (``sim.profiles``, ``sim.replicas.Host``): ``cores``
 (measured: the CPU count) less ``overhead_cores`` for the non-replica
-processes, shared between the computing replicas by processor sharing. The
-overhead is measured, not fitted: ``loadtest.experiments`` records the CPU
-seconds the router, the autoscaler and the load generator used over each
-replay (``overhead_cores`` in each outcome), and each strategy is simulated
-with its own run's figure. ``--overhead-cores`` overrides it.
+processes, shared between the computing replicas by processor sharing.
+``loadtest.experiments`` records, over each replay, how busy the whole
+machine was (``busy_cores``) and what the router, the autoscaler and the load
+generator used (``overhead_cores``). Each strategy is simulated with the
+overhead at which the simulated machine is as busy as the real one was
+(``fit_overhead``: measured busy cores less what the simulated replicas
+computed); the overhead is thus fitted to CPU use, and the comparison is on
+latency and replica-seconds. Without ``busy_cores`` the measured
+``overhead_cores`` is used; ``--overhead-cores`` overrides both.
 """
 from __future__ import annotations
 
@@ -61,6 +65,28 @@ def _host_of(profiles: Profiles, override: float | None, measured: float | None)
     return profiles.model_copy(update={"host": profiles.host.model_copy(update={"overhead_cores": cores})})
 
 
+def fit_overhead(config: MeshConfig, profiles: Profiles, workload, opts: SimOptions, busy_cores: float, *,
+                 start: float = 0.0, rounds: int = 6):
+    """The host overhead at which the simulated machine is as busy as the real
+    one was: ``busy_cores`` (the whole machine over the real replay) less what
+    the simulated replicas computed. The rest is CPU the simulated replicas do
+    not spend, whoever spent it: the router, the autoscaler, the load generator
+    (``start``: what they measured) and every replica's own work outside its
+    batches (gRPC, batching, reports). Iterated (damped), since the replicas'
+    compute depends on it through their batch sizes. Fitted to CPU use, not to
+    latency or replica-seconds, which it is then compared on."""
+    overhead, cores = start, profiles.host.cores
+    for _ in range(rounds):
+        used = _host_of(profiles, overhead, None)
+        r = simulate(config, used, workload, opts)
+        compute = r.cpu_cores or 0.0
+        target = min(max(0.0, busy_cores - compute), cores * 0.95)
+        if abs(target - overhead) < 0.01:
+            break
+        overhead = 0.3 * overhead + 0.7 * target
+    return used, r, "fitted to the machine's busy cores"
+
+
 def compare(experiment: dict, profiles: Profiles, *, seed: int = 0, overhead_cores: float | None = None,
             log=None) -> dict:
     """Per scenario and strategy: real vs simulated replica-seconds and P95. The
@@ -78,22 +104,32 @@ def compare(experiment: dict, profiles: Profiles, *, seed: int = 0, overhead_cor
             static = peak_counts(runs["permodel"].get("max_ready", {}), list(config.models))
         for strategy, real in runs.items():
             opts = SimOptions(strategy=strategy, seed=seed, static_counts=static if strategy == "static" else None)
-            used = _host_of(profiles, overhead_cores, real.get("overhead_cores"))
-            r = simulate(config, used, workload, opts)
+            if overhead_cores is None and real.get("busy_cores") and profiles.host.cores is not None:
+                used, r, how = fit_overhead(config, profiles, workload, opts, real["busy_cores"],
+                                            start=real.get("overhead_cores") or 0.0)
+            else:
+                used = _host_of(profiles, overhead_cores, real.get("overhead_cores"))
+                r = simulate(config, used, workload, opts)
+                how = "given" if overhead_cores is not None else "measured"
             sim_p95 = r.totals["p95_ms"]
             row = {"scenario": scenario, "strategy": strategy,
                    "real_replica_s": real["replica_s"], "sim_replica_s": r.totals["replica_s"],
                    "real_p95_ms": real["p95_ms"], "sim_p95_ms": sim_p95,
                    "real_drops": real.get("drops"), "sim_drops": r.totals["drops"],
                    "sim_peak": {m: d["peak_replicas"] for m, d in r.by_model.items()},
-                   "real_peak": real.get("max_ready", {}), "overhead_cores": used.host.overhead_cores}
+                   "real_peak": real.get("max_ready", {}),
+                   "overhead_cores": round(used.host.overhead_cores, 3), "overhead_from": how,
+                   "real_busy_cores": real.get("busy_cores"),
+                   "sim_busy_cores": None if r.cpu_cores is None else
+                   round(r.cpu_cores + used.host.overhead_cores, 3)}
             row["replica_s_error"] = _err(row["sim_replica_s"], row["real_replica_s"])
             row["p95_error"] = _err(sim_p95, row["real_p95_ms"])
             row["within"] = (row["replica_s_error"] is not None and abs(row["replica_s_error"]) <= REPLICA_S_TOL
                              and row["p95_error"] is not None and abs(row["p95_error"]) <= P95_TOL)
             rows.append(row)
             if log:
-                log(f"{scenario}/{strategy} (overhead {row['overhead_cores']} cores): "
+                log(f"{scenario}/{strategy} (overhead {row['overhead_cores']} cores, {how}; busy real "
+                    f"{row['real_busy_cores']} sim {row['sim_busy_cores']}): "
                     f"replica-s real {row['real_replica_s']} sim {row['sim_replica_s']} "
                     f"({_pct(row['replica_s_error'])}), P95 real {row['real_p95_ms']} sim {sim_p95} "
                     f"({_pct(row['p95_error'])}) {'OK' if row['within'] else 'OUT'}")
@@ -137,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     emit({"pass": result["pass"], "rows": [{k: r[k] for k in ("scenario", "strategy", "real_replica_s",
                                                               "sim_replica_s", "replica_s_error", "real_p95_ms",
                                                               "sim_p95_ms", "p95_error", "overhead_cores",
-                                                              "within")}
+                                                              "overhead_from", "real_busy_cores",
+                                                              "sim_busy_cores", "within")}
                                            for r in result["rows"]]})
     return 0 if result["pass"] else 1
 

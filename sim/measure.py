@@ -1,8 +1,9 @@
 """``cmesh profile MODEL``: measure a model's profile on this machine, from real replicas.
 
-For each model: start a real replica (``python -m model_server``, the model as
-``mesh.yaml`` configures it, batching included) ``--cold-starts`` times and
-keep each replica's own cold-start measurement (process start → ready); then,
+For each model: start a real replica ``--cold-starts`` times as the mesh
+starts one (the local provider, its fork server included; the model as
+``mesh.yaml`` configures it, batching included) and time each from asking to
+ready; then,
 on one replica, send ``b`` concurrent single-row requests for each batch size
 ``b`` (1, 2, 4, ... up to the model's ``max_batch_size``; the replica's batcher
 groups them) ``--repeats`` times and keep the median of the slowest answer:
@@ -36,7 +37,7 @@ import platform
 import re
 import secrets
 import statistics
-import subprocess
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -152,25 +153,49 @@ def probes(config: MeshConfig, model: str, manifest, texts: list[str],
 _TOKEN = secrets.token_urlsafe(32)
 
 
-def _spawn(config_path: Path, model: str, token_env: str | None = None):
-    from cmesh.proc import spawn_service
+async def _start(provider, model: str, timeout_s: float) -> tuple[object, float]:
+    """One replica of ``model`` through the provider, as the autoscaler starts
+    one; returns its handle once ready and the seconds from asking to ready."""
+    t0 = time.monotonic()
+    await provider.scale(model, "serverless", 1, [])
+    while time.monotonic() - t0 < timeout_s:
+        ready = [r for r in provider.replicas() if r.model == model and r.state == "ready"]
+        if ready:
+            return ready[0], time.monotonic() - t0
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"{model}: no replica ready within {timeout_s:g} s")
 
-    env = dict(os.environ)
-    if token_env:
-        env[token_env] = _TOKEN
-    proc, ready = spawn_service(["-m", "model_server", "--config", str(config_path), "--models", model,
-                                 "--port", "0", "--log-level", "WARNING"], stderr=subprocess.DEVNULL,
-                                env=env)
-    return proc, ready
+
+async def _stop(provider, model: str, timeout_s: float = 60.0) -> None:
+    await provider.scale(model, "serverless", 0, [])
+    t0 = time.monotonic()
+    while any(r.model == model for r in provider.replicas()) and time.monotonic() - t0 < timeout_s:
+        await asyncio.sleep(0.02)
 
 
-def _stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+async def _measure_live(config: MeshConfig, config_path: Path, model: str, sent: list[Probe], sizes: list[int],
+                        *, cold_starts: int, repeats: int, log) -> tuple[list[float], dict, dict]:
+    """Cold starts, the batching curve and the answers, from replicas the local
+    provider starts (its fork server included: the cold start the mesh gives)."""
+    from autoscaler.providers.local import LocalProvider
+    from cmesh.internal_auth import MeshCredentials
+
+    with tempfile.TemporaryDirectory(prefix="cmesh-profile-") as state:
+        provider = LocalProvider(config, str(config_path), state_dir=state, grace_s=0.0,
+                                 credentials=MeshCredentials(None, _TOKEN))
+        try:
+            await provider.start()               # the fork server, as the autoscaler boots it
+            colds = []
+            for i in range(cold_starts):
+                handle, cold = await _start(provider, model, config.autoscaler.ready_timeout_s)
+                colds.append(round(cold, 4))
+                log(f"{model}: cold start {i + 1}/{cold_starts}: {cold:.3f} s")
+                if i + 1 < cold_starts:
+                    await _stop(provider, model)
+            curve, answers = await _drive(handle.address, model, sent, sizes, repeats, log)
+        finally:
+            await provider.close()
+    return colds, curve, answers
 
 
 def _request(model: str, probe: Probe):
@@ -255,19 +280,9 @@ def measure_model(config: MeshConfig, config_path: Path, model: str, *, texts: l
     engine = spec.engine or manifest.engine
     max_batch = spec.batching.max_batch_size or getattr(manifest, "max_batch_size", None) or 16
     sent = probes(config, model, manifest, list(texts or TEXTS), answers)
-    colds = []
-    for i in range(cold_starts):
-        t0 = time.monotonic()
-        proc, ready = _spawn(config_path, model, config.security.internal_token_env)
-        colds.append(float(ready.get("cold_start_s") or (time.monotonic() - t0)))
-        log(f"{model}: cold start {i + 1}/{cold_starts}: {colds[-1]:.3f} s")
-        if i + 1 < cold_starts:
-            _stop(proc)
-    try:
-        curve, answers[model] = asyncio.run(_drive(f"127.0.0.1:{ready['port']}", model, sent,
-                                                   batch_sizes(max_batch), repeats, log))
-    finally:
-        _stop(proc)
+    colds, curve, answers[model] = asyncio.run(_measure_live(
+        config, config_path, model, sent, batch_sizes(max_batch), cold_starts=max(1, cold_starts),
+        repeats=repeats, log=log))
     by_text, outputs = _branches(when_fields(config, model), answers[model])
     median = statistics.median(colds)
     sigma = float(np.std(np.log(colds))) if len(colds) > 1 and min(colds) > 0 else 0.1

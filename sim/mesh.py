@@ -86,6 +86,9 @@ class SimResult:
     cold_starts: dict[str, list[float]] = field(repr=False, default_factory=dict)
     events: int = 0
     wall_s: float = 0.0
+    # Cores the replicas computed on average over the simulated span, with
+    # ``host.cores`` (CPU sharing); else None.
+    cpu_cores: float | None = None
 
     @property
     def replica_s(self) -> float:
@@ -112,6 +115,7 @@ class Simulation:
         self.profiles = profiles
         self.workload = workload
         self.loop = EventLoop()
+        self._started_at = self.loop.now
         self._aio = asyncio.new_event_loop()
         self.router = SimRouter(self.config, self.loop, network_s=profiles.host.network_ms / 1000.0,
                                 on_finish=self._call_done, warm=self._warm, gone=self._gone)
@@ -315,7 +319,8 @@ class Simulation:
                          requests=total, outcomes=dict(sorted(self.outcomes.items())), by_target=by_target,
                          by_model=by_model, totals=totals, intervals=self.intervals, timeline=self.timeline,
                          provisioned=self.provisioned,
-                         cold_starts=self.provider.cold_starts, events=self.loop.events, wall_s=wall)
+                         cold_starts=self.provider.cold_starts, events=self.loop.events, wall_s=wall,
+                         cpu_cores=self.provider.host.cpu_cores(since=self._started_at))
 
 
 def simulate(config: MeshConfig, profiles: Profiles, workload: Workload, options: SimOptions | None = None,

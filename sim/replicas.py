@@ -2,7 +2,8 @@
 
 ``SimProvider`` implements ``autoscaler.providers.base.Provider``: the real
 ``Controller`` asks it to ``scale`` and reads ``replicas()``; replicas go
-warming → ready after a cold start drawn from the model's profile, and
+warming → ready after a cold start drawn from the model's profile (with
+``host.cores``, CPU work that contention stretches), and
 draining → gone once their in-flight work is done (drain order as the local
 provider's: still-warming ones first, then the newest ready). Change callbacks
 are delivered by ``flush()``, which the simulation calls from inside the
@@ -40,7 +41,7 @@ class Host:
     one call (continuous); its work is the curve's latency at full speed.
     """
 
-    __slots__ = ("available", "busy", "rate", "loop", "_jobs", "_since")
+    __slots__ = ("available", "busy", "rate", "loop", "_jobs", "_since", "used_s", "_used_since")
 
     def __init__(self, profile: HostProfile, loop: EventLoop) -> None:
         self.available = None if profile.cores is None else profile.cores - profile.overhead_cores
@@ -49,6 +50,8 @@ class Host:
         self.loop = loop
         self._jobs: dict[int, list] = {}    # id -> [work left at full speed (s), fn, args, stamp]
         self._since = 0.0                   # when the jobs' work left was last brought up to date
+        self.used_s = 0.0                   # core-seconds the replicas computed (with host.cores)
+        self._used_since = loop.now
 
     def run(self, work: float, fn: Callable, args: tuple) -> None:
         """``fn(*args)`` once ``work`` seconds of full-speed compute are done."""
@@ -62,9 +65,13 @@ class Host:
 
     def use(self, cores: float) -> None:
         """A replica starts (``cores`` > 0) or stops (< 0) computing."""
-        self.busy += cores
         if self.available is None:
+            self.busy += cores
             return
+        now = self.loop.now
+        self.used_s += min(self.busy, self.available) * (now - self._used_since)
+        self._used_since = now
+        self.busy += cores
         rate = 1.0 if self.busy <= self.available else self.available / self.busy
         if rate != self.rate:
             self._settle()
@@ -73,6 +80,15 @@ class Host:
             for job in self._jobs.values():
                 job[3] += 1
                 push(now + job[0] / rate, self._fire, (job, job[3]))
+
+    def cpu_cores(self, since: float) -> float | None:
+        """Cores the replicas computed on average from ``since`` to now (what a
+        machine-wide busy figure over the same span would show of them); None
+        without ``host.cores``."""
+        if self.available is None or self.loop.now <= since:
+            return None
+        self.use(0.0)                       # brings the integral up to now
+        return self.used_s / (self.loop.now - since)
 
     def _settle(self) -> None:
         now = self.loop.now
@@ -294,8 +310,18 @@ class SimProvider:
             # Already serving (prestart): it started before the run, like any
             # replica, and reports that cold start as its own measurement.
             self._ready(r, 0.0, reported=profile.cold_start_s)
+        elif self.host.available is not None and cold > 0:
+            # With CPU sharing, loading a model is CPU work like a batch: it takes
+            # cores from the replicas serving, and a busy host stretches it (the
+            # local provider, too, lets a replica drained while warming finish).
+            self.host.use(r.cores)
+            self.host.run(cold, self._loaded, (r, now))
         else:
             self.loop.after(cold, self._ready, r, cold)
+
+    def _loaded(self, r: SimReplica, started: float) -> None:
+        self.host.use(-r.cores)
+        self._ready(r, self.loop.now - started)
 
     def _ready(self, r: SimReplica, cold: float, reported: float | None = None) -> None:
         if r.state != "warming":

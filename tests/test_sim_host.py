@@ -38,3 +38,24 @@ def test_no_slowdown_while_the_cores_suffice_and_none_without_a_host_limit() -> 
             _job(loop, host, 1.0, done, name)
         loop.run(10.0)
         assert done == {"a": 1.0, "b": 1.0, "c": 1.0}
+
+
+def test_a_cold_start_is_cpu_work_that_a_busy_host_stretches() -> None:
+    from sim.profiles import parse_profiles
+    from sim.replicas import SimProvider
+    import numpy as np
+
+    loop = EventLoop()
+    profiles = parse_profiles({"host": {"cores": 1.0}, "models": {"m": {"latency_ms": {1: 1000},
+                                                                        "cold_start_s": 1.0,
+                                                                        "cold_start_sigma": 0.0}}})
+    ready: list[float] = []
+    provider = SimProvider(loop, profiles, np.random.default_rng(0), on_ready=lambda r: ready.append(loop.now),
+                           on_drain=lambda r: None, on_done=lambda batch, r: None)
+    done: dict[str, float] = {}
+    _job(loop, provider.host, 1.0, done, "batch")        # a replica computing for 1 s on the only core
+    loop.at(0.0, provider._spawn, "m", "serverless", "")
+    loop.run(10.0)
+    # Loading and the batch share the core: both take 2 s, and the replica says so.
+    assert ready == [2.0] and done["batch"] == 2.0
+    assert provider.replicas()[0].cold_start_s == 2.0

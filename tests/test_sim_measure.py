@@ -111,3 +111,5 @@ def test_cmesh_profile_measures_a_branch_and_the_tool_behind_it_on_real_replicas
     # ... and the SQL tool, measured with the query and order id its node sends.
     assert sql.measured["texts"] == 1 and min(sql.latency_ms.values()) > 0
     assert sql.measured["by"] == "cmesh profile"
+    # Started as the mesh starts replicas (the local provider's fork server): timed from asking to ready.
+    assert len(sql.measured["cold_starts_s"]) == 1 and sql.cold_start_s > 0
