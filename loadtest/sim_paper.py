@@ -8,7 +8,9 @@ scenarios rate-scaled so that spike10x peaks at 2,250 requests per second
 (``--scale`` multiplies that: 0.1 runs the same at a tenth). Writes
 ``<out>/results.json``, ``<out>/results.md`` and ``<out>/spike_replicas.png``
 (per-model vs uniform replicas over the spike). Prints one JSON object last:
-coldstart_ratio, permodel_cost_vs_static, spike_p95_over_steady, scale_factors,
+coldstart_ratio, permodel_cost_vs_static (diurnal: against the cheapest static
+deployment at least as fast, ``equal_p95_static``; ``..._at_peak``: against
+static at per-model's peak counts), spike_p95_over_steady, scale_factors,
 uniform_overprovision, tiered_cost_share, tiered_delay_removed,
 cv2x_p95_within_1_5x, graph_ahead_within_1_5x, permodel_within_1_5x,
 graph_ahead_replica_s_ratio, events_per_s.
@@ -159,7 +161,7 @@ def scale_factors(r: SimResult, spike: tuple[float, float] = SPIKE) -> dict[str,
     return {m: round(peak.get(m, 0) / n, 2) for m, n in base.items() if n}
 
 
-def equal_p95_static(go, name: str, per: SimResult, peak: dict[str, int], steps: int = 4
+def equal_p95_static(go, name: str, per: SimResult, peak: dict[str, int], steps: int = 5
                      ) -> tuple[SimResult, float, SimResult]:
     """The cheapest static deployment at least as fast as per-model (P95 of
     support-agent no worse): per-model's peak counts, every model scaled by one

@@ -37,8 +37,9 @@ class Host:
     runnable threads: while the computing replicas want more cores
     (``busy``) than the host has for them (``available``), every running
     job progresses at ``available / busy`` of full speed, and each change in
-    ``busy`` re-times the jobs still running. A job is one batch (dynamic) or
-    one call (continuous); its work is the curve's latency at full speed.
+    ``busy`` re-times the jobs still running. A job is one batch (dynamic),
+    one call (continuous) or one model load (a cold start); its work is the
+    curve's latency, or the cold start, at full speed.
     """
 
     __slots__ = ("available", "busy", "rate", "loop", "_jobs", "_since", "used_s", "_used_since")
@@ -49,7 +50,7 @@ class Host:
         self.rate = 1.0
         self.loop = loop
         self._jobs: dict[int, list] = {}    # id -> [work left at full speed (s), fn, args, stamp]
-        self._since = 0.0                   # when the jobs' work left was last brought up to date
+        self._since = loop.now              # when the jobs' work left was last brought up to date
         self.used_s = 0.0                   # core-seconds the replicas computed (with host.cores)
         self._used_since = loop.now
 
