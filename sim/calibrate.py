@@ -90,8 +90,9 @@ def fit_overhead(config: MeshConfig, profiles: Profiles, workload, opts: SimOpti
 def compare(experiment: dict, profiles: Profiles, *, seed: int = 0, overhead_cores: float | None = None,
             log=None) -> dict:
     """Per scenario and strategy: real vs simulated replica-seconds and P95. The
-    host's overhead is the cores the real run's router, autoscaler and load
-    generator used (``overhead_cores`` in each outcome), unless given."""
+    host's overhead is ``overhead_cores`` when given; else fitted to the real
+    run's ``busy_cores`` (``fit_overhead``); else what its router, autoscaler
+    and load generator used (its ``overhead_cores``); else the profiles' own."""
     meta = experiment["meta"]
     compress, rscale = float(meta["compress"]), float(meta["rate_scale"])
     config = experiment_config(compress)
@@ -110,7 +111,8 @@ def compare(experiment: dict, profiles: Profiles, *, seed: int = 0, overhead_cor
             else:
                 used = _host_of(profiles, overhead_cores, real.get("overhead_cores"))
                 r = simulate(config, used, workload, opts)
-                how = "given" if overhead_cores is not None else "measured"
+                how = ("given" if overhead_cores is not None else
+                       "measured" if real.get("overhead_cores") is not None else "the profiles'")
             sim_p95 = r.totals["p95_ms"]
             row = {"scenario": scenario, "strategy": strategy,
                    "real_replica_s": real["replica_s"], "sim_replica_s": r.totals["replica_s"],
