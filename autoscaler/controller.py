@@ -150,8 +150,8 @@ class Controller:
         current = self._current(model)
         ctx = ScalingContext.from_window(
             self.window, model, self.config.models[model].deployment, self.config.autoscaler, now,
-            current_serverless=self._count(model, "serverless"),
-            current_dedicated=self._count(model, "dedicated"), scheduled_min=scheduled_min,
+            current_serverless=sum(1 for r in current if r.pool == "serverless"),
+            current_dedicated=sum(1 for r in current if r.pool == "dedicated"), scheduled_min=scheduled_min,
             touched_at=self._warmed_at.get(model),
             ahead_concurrency=(ahead or {}).get(model),
             ready_serverless=sum(1 for r in current if r.pool == "serverless" and r.state == "ready"),
